@@ -1,0 +1,19 @@
+// Every torch_xmc op schema, in one place. Kernels register per device in bindings/<op>_<device>.cpp;
+// fake kernels and autograd live in torch_xmc/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(torch_xmc, m) {
+  // y [..., L] = GSFFI layer of x [..., H]; see ops/xmc.h for the maths and layouts.
+  m.def("gsffi_forward(Tensor x, Tensor weight, Tensor indices, Tensor? bias, int group_size) -> Tensor");
+  // Gradients (x, weight, bias) of gsffi_forward; an output whose mask entry is false is returned as None.
+  m.def(
+      "gsffi_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor indices, int group_size, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+// `import torch_xmc._C` only loads this library so that the registrations above run; ops live in torch.ops.
+extern "C" PyObject *PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,83 @@
+/*
+ * torch_xmc C API: the kernels behind the registered torch ops.
+ *
+ * Plain C, no torch headers. Every tensor is a raw pointer to contiguous row-major data; every size is
+ * int64_t. The C++ glue in bindings/ checks arguments before calling, so the kernels assume valid input:
+ * indices in [0, H), shapes consistent, batch >= 1.
+ *
+ * Group-shared fixed fan-in (GSFFI) layer, see DESIGN.md section 2:
+ *   labels l in [0, L), group of l is l / G, n_groups = ceil(L / G)
+ *   x [B, H], weight [L, F], indices int32 [n_groups, F], bias [L] or NULL, y [B, L]
+ *   y[b, l]       = bias[l] + sum_t x[b, indices[l / G, t]] * weight[l, t]
+ *   grad_x[b, h]  = sum_{(g, t): indices[g, t] = h} sum_{l in g} grad_y[b, l] * weight[l, t]
+ *   grad_w[l, t]  = sum_b grad_y[b, l] * x[b, indices[l / G, t]]
+ * float32 and bfloat16 accumulate in float32, float64 in float64. Every output element is written
+ * (grad_x is overwritten, not accumulated into). Results are deterministic: the same inputs and the same
+ * num_threads (CPU) or device (CUDA) give bitwise-identical outputs.
+ *
+ * Each function returns 0 on success; otherwise a nonzero code (XMC_ERR_* or, on CUDA, a cudaError_t value).
+ */
+#ifndef TORCH_XMC_OPS_XMC_H
+#define TORCH_XMC_OPS_XMC_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { XMC_F32 = 0, XMC_F64 = 1, XMC_BF16 = 2, XMC_F16 = 3 } xmc_dtype;
+
+enum { XMC_OK = 0, XMC_ERR_DTYPE = -1, XMC_ERR_NOMEM = -2 };
+
+/* Sizes of one GSFFI call. */
+typedef struct {
+  int64_t batch;        /* B */
+  int64_t in_features;  /* H */
+  int64_t out_features; /* L */
+  int64_t fan_in;       /* F */
+  int64_t group_size;   /* G */
+} xmc_gsffi_shape;
+
+/* Where a kernel runs: CPU kernels use num_threads (OpenMP), CUDA launchers enqueue on stream. */
+struct CUstream_st; /* cudaStream_t is struct CUstream_st * */
+typedef struct {
+  int num_threads;             /* CPU: OpenMP threads to use (>= 1) */
+  struct CUstream_st *stream;  /* CUDA: stream to enqueue on */
+  int allow_tf32;              /* CUDA float32: may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32) */
+} xmc_exec;
+
+/* Signature shared by the CPU and CUDA kernels of each op, so the glue can hold either. */
+typedef int (*xmc_gsffi_forward_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
+                                    const int32_t *indices, const void *bias, void *y, xmc_exec ex);
+typedef int (*xmc_gsffi_grad_input_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *weight,
+                                       const int32_t *indices, void *grad_x, xmc_exec ex);
+typedef int (*xmc_gsffi_grad_weight_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                                        const int32_t *indices, void *grad_weight, xmc_exec ex);
+
+/* CPU (ops/cpu/): float32, bfloat16, float64. */
+int xmc_gsffi_forward_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
+                          const int32_t *indices, const void *bias, void *y, xmc_exec ex);
+int xmc_gsffi_grad_input_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *weight,
+                             const int32_t *indices, void *grad_x, xmc_exec ex);
+int xmc_gsffi_grad_weight_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                              const int32_t *indices, void *grad_weight, xmc_exec ex);
+
+/* First position p in indices[0 .. n) with indices[p] outside [0, bound), or -1 if there is none. */
+int64_t xmc_find_out_of_range_cpu(const int32_t *indices, int64_t n, int64_t bound);
+
+/* CUDA (ops/cuda/): float32, bfloat16, float16, float64. Asynchronous on ex.stream. */
+int xmc_gsffi_forward_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
+                           const int32_t *indices, const void *bias, void *y, xmc_exec ex);
+int xmc_gsffi_grad_input_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *weight,
+                              const int32_t *indices, void *grad_x, xmc_exec ex);
+int xmc_gsffi_grad_weight_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                               const int32_t *indices, void *grad_weight, xmc_exec ex);
+/* Text for a nonzero code returned by a CUDA launcher. */
+const char *xmc_cuda_error_string(int code);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,47 @@
+"""The registered ops, their fake (meta) kernels and autograd.
+
+Schemas live in bindings/library.cpp and the device kernels in bindings/<op>_<device>.cpp -> ops/. This module
+makes them traceable (fake kernels for torch.compile / opcheck) and differentiable (register_autograd, with the
+backward itself a registered op, so torch.compile sees through it).
+"""
+import torch
+
+from . import _C  # noqa: F401  (loads the library; its static initialisers register the ops)
+
+gsffi_forward = torch.ops.torch_xmc.gsffi_forward
+gsffi_backward = torch.ops.torch_xmc.gsffi_backward
+
+
+@torch.library.register_fake("torch_xmc::gsffi_forward")
+def _gsffi_forward_fake(x, weight, indices, bias, group_size):
+    torch._check(x.dim() >= 1, lambda: f"x must have at least 1 dimension, got shape {tuple(x.shape)}")
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [out_features, fan_in], got {tuple(weight.shape)}")
+    torch._check(weight.dtype == x.dtype, lambda: f"weight must have dtype {x.dtype} like x, got {weight.dtype}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("torch_xmc::gsffi_backward")
+def _gsffi_backward_fake(grad_y, x, weight, indices, group_size, output_mask):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else None,
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else None,
+        weight.new_empty(weight.shape[0]) if output_mask[2] else None,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, indices, bias, group_size = inputs
+    ctx.save_for_backward(x, weight, indices)
+    ctx.group_size = group_size
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, weight, indices = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], ctx.has_bias and need[3]]
+    gx, gw, gb = gsffi_backward(grad_y, x, weight, indices, ctx.group_size, mask)
+    return gx, gw, None, gb, None
+
+
+torch.library.register_autograd("torch_xmc::gsffi_forward", _backward, setup_context=_setup_context)
