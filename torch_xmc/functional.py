@@ -20,6 +20,10 @@ def check_indices(indices: torch.Tensor, in_features: int, out_features: int, gr
             f"indices must be int32 of shape [ceil(out_features / group_size), fan_in] = [{n_groups}, F], "
             f"got {indices.dtype} {list(indices.shape)}"
         )
+    _check_index_values(indices, in_features)
+
+
+def _check_index_values(indices: torch.Tensor, in_features: int) -> None:
     if indices.numel() == 0:
         return
     lo, hi = int(indices.min()), int(indices.max())
@@ -32,6 +36,13 @@ def check_indices(indices: torch.Tensor, in_features: int, out_features: int, gr
     if dup.numel():
         g, t = int(dup[0, 0]), int(dup[0, 1])
         raise ValueError(f"indices must be distinct within a group, got {int(s[g, t])} twice in indices[{g}]")
+
+
+def _well_formed(input, weight, indices, group_size) -> bool:
+    """Shapes and dtypes the op accepts; the op itself reports anything else, so its messages stay the only ones."""
+    return (input.dim() >= 1 and weight.dim() == 2 and isinstance(group_size, int) and group_size >= 1
+            and weight.shape[1] <= input.shape[-1] and indices.dtype == torch.int32
+            and tuple(indices.shape) == (num_groups(weight.shape[0], group_size), weight.shape[1]))
 
 
 def group_shared_fan_in(
@@ -50,8 +61,8 @@ def group_shared_fan_in(
     the autocast dtype, as nn.Linear does. check=True validates the index values first (skipped while
     torch.compile traces, where it would break the graph: check once where the indices come from).
     """
-    if check and not torch.compiler.is_compiling():
-        check_indices(indices, input.shape[-1], weight.shape[0], group_size)
+    if check and not torch.compiler.is_compiling() and _well_formed(input, weight, indices, group_size):
+        _check_index_values(indices, input.shape[-1])
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
