@@ -1,0 +1,290 @@
+"""Model and trainer: a bag-of-words encoder followed by any classifier head with nn.Linear's call convention
+(nn.Linear, torch_xmc.GroupSharedFanIn), trained with BCE, evaluated with top-k metrics, checkpointed so that a
+resumed run reproduces the uninterrupted one exactly.
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import metrics
+from .data import XMCData, gather_rows
+from .modules import GroupSharedFanIn
+
+
+class BowEncoder(nn.Module):
+    """Sparse bag of words -> H: EmbeddingBag(sum, per-sample weights) + bias, ReLU, dropout."""
+
+    def __init__(self, num_features: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(num_features, hidden, mode="sum")
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.dropout = nn.Dropout(dropout)
+        nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(hidden))
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """indices int64 [nnz], offsets int64 [B] (row starts), weights float32 [nnz] -> float32 [B, H]."""
+        h = self.embed(indices, offsets, per_sample_weights=weights) + self.bias
+        return self.dropout(F.relu(h))
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (stored in checkpoints)."""
+
+    num_features: int
+    num_labels: int
+    hidden: int = 512
+    dropout: float = 0.5
+    head: str = "dense"  # "dense" (nn.Linear) or "gsffi" (GroupSharedFanIn)
+    fan_in: int = 64
+    group_size: int = 32
+
+
+class XMCModel(nn.Module):
+    """encoder (sparse features -> H) followed by head (H -> L, nn.Linear call convention)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, indices, offsets, weights):
+        return self.head(self.encoder(indices, offsets, weights))
+
+
+def build_model(cfg: ModelConfig) -> XMCModel:
+    if cfg.head == "dense":
+        head = nn.Linear(cfg.hidden, cfg.num_labels)
+    elif cfg.head == "gsffi":
+        head = GroupSharedFanIn(cfg.hidden, cfg.num_labels, cfg.fan_in, cfg.group_size)
+    else:
+        raise ValueError(f"head must be 'dense' or 'gsffi', got {cfg.head!r}")
+    return XMCModel(BowEncoder(cfg.num_features, cfg.hidden, cfg.dropout), head)
+
+
+def normalized(data: XMCData) -> XMCData:
+    """A copy of data with each row's feature values scaled to unit L2 norm (rows of zeros stay zero)."""
+    rows = torch.repeat_interleave(torch.arange(data.num_points), data.feat_indptr.diff())
+    sq = torch.zeros(data.num_points).index_add_(0, rows, data.feat_values.float() ** 2)
+    scale = sq.sqrt().clamp(min=1e-12).reciprocal()[rows]
+    return XMCData(data.feat_indptr, data.feat_indices, data.feat_values * scale, data.label_indptr,
+                   data.label_indices, data.num_features, data.num_labels)
+
+
+@dataclass
+class Batch:
+    indices: torch.Tensor  # int64 [nnz] feature ids
+    offsets: torch.Tensor  # int64 [B] row starts into indices
+    weights: torch.Tensor  # float32 [nnz]
+    label_indptr: torch.Tensor  # int64 [B+1]
+    label_indices: torch.Tensor  # int64 [n_pos]
+
+
+def make_batch(data: XMCData, rows: torch.Tensor) -> Batch:
+    fpos, fptr = gather_rows(data.feat_indptr, rows)
+    lpos, lptr = gather_rows(data.label_indptr, rows)
+    return Batch(data.feat_indices[fpos], fptr[:-1], data.feat_values[fpos], lptr, data.label_indices[lpos])
+
+
+def bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Tensor, label_indices: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits summed over labels, averaged over the batch, with dense [B, L] logits and targets.
+
+    The one place that turns (hidden [B, H], positives CSR) into a loss: a fused op that never builds B x L
+    replaces this function alone."""
+    logits = head(hidden)
+    target = torch.zeros_like(logits)
+    rows = torch.repeat_interleave(torch.arange(hidden.shape[0]), label_indptr.diff())
+    target[rows, label_indices] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / hidden.shape[0]
+
+
+@torch.no_grad()
+def predict_topk(model: XMCModel, data: XMCData, k: int = 5, max_elements: int = 1 << 24,
+                 progress: bool = False) -> torch.Tensor:
+    """int64 [N, k] label ids, best first, in row chunks of at most max_elements logits."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    chunk = max(1, max_elements // data.num_labels)
+    out = torch.empty(data.num_points, k, dtype=torch.int64)
+    for r0 in tqdm(range(0, data.num_points, chunk), desc="predict", leave=False, disable=not progress):
+        rows = torch.arange(r0, min(r0 + chunk, data.num_points))
+        b = make_batch(data, rows)
+        out[rows] = model(b.indices, b.offsets, b.weights).topk(k, dim=1).indices
+    model.train(was_training)
+    return out
+
+
+def evaluate_model(model: XMCModel, data: XMCData, inv_prop: torch.Tensor | None = None, ks=(1, 3, 5),
+                   progress: bool = False) -> dict[str, float]:
+    """Metrics (percent) of model on data (features already normalised, see ``normalized``)."""
+    topk = predict_topk(model, data, max(ks), progress=progress)
+    return metrics.evaluate(topk, data.label_indptr, data.label_indices, data.num_labels, inv_prop, ks)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # "cosine", "linear" (decay to 0 after warmup) or "constant"
+    eval_every: int = 0  # steps between evaluations; 0: at the end of every epoch
+    eval_points: int = 0  # evaluate on the first n test points (0: all)
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end), needs a checkpoint path
+    seed: int = 0
+    progress: bool = True
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+        if schedule == "linear":
+            return max(0.0, 1.0 - t)
+        return 1.0
+
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
+    return f
+
+
+@dataclass
+class TrainResult:
+    step: int
+    history: list = field(default_factory=list)  # {"step", "epoch", "loss", metrics...} per evaluation
+    train_seconds: float = 0.0  # training steps only (no evaluation)
+    epochs_done: float = 0.0
+
+
+class Trainer:
+    """Trains an XMCModel with AdamW, warmup + schedule, seeded shuffling, periodic evaluation and checkpoints.
+
+    Determinism: the order of the points in epoch e is randperm(N) from a generator seeded by (seed, e), and
+    dropout draws from torch's global generator, whose state the checkpoint keeps. So a run resumed from a
+    checkpoint at step s takes exactly the steps the uninterrupted run takes after s.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, loss_fn=bce_loss):
+        self.model_cfg, self.cfg, self.loss_fn = model_cfg, train_cfg, loss_fn
+        torch.manual_seed(train_cfg.seed)
+        self.model = build_model(model_cfg)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.scheduler = None  # needs the step count, known in fit
+        self._pending = None  # optimizer and scheduler states of a checkpoint, applied in fit
+        self.step = 0
+        self.history: list = []
+        self.train_seconds = 0.0
+        self.extra: dict = {}  # stored in checkpoints as is (data description, label counts, ...)
+
+    def _make_scheduler(self, total_steps: int):
+        lam = _lr_lambda(self.cfg.schedule, self.cfg.warmup_steps, total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+
+    def _epoch_order(self, epoch: int, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g)
+
+    def fit(self, train: XMCData, test: XMCData | None = None, inv_prop: torch.Tensor | None = None,
+            checkpoint: str | None = None, stop_at: int | None = None) -> TrainResult:
+        """Train for cfg.epochs over train (features normalised, see ``normalized``) from self.step on.
+        Evaluates on test every cfg.eval_every steps (or each epoch); saves to checkpoint every
+        cfg.checkpoint_every steps and at the end; stop_at ends early at that step (as an interruption would)."""
+        from tqdm.auto import tqdm
+
+        n, bs = train.num_points, self.cfg.batch_size
+        per_epoch = math.ceil(n / bs)
+        total = max(1, round(self.cfg.epochs * per_epoch))
+        if self.scheduler is None:
+            self._make_scheduler(total)
+            if self._pending is not None:  # resumed: restore after the scheduler has set its initial lr
+                self.optimizer.load_state_dict(self._pending["optimizer"])
+                self.scheduler.load_state_dict(self._pending["scheduler"])
+                self._pending = None
+        end = total if stop_at is None else min(stop_at, total)
+        eval_every = self.cfg.eval_every or per_epoch
+        test_eval = test
+        if test is not None and self.cfg.eval_points and self.cfg.eval_points < test.num_points:
+            test_eval = test.subset(torch.arange(self.cfg.eval_points))
+        self.model.train()
+        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.cfg.progress,
+                   dynamic_ncols=True)
+        loss_sum, loss_n = 0.0, 0
+        order, order_epoch = None, -1
+        while self.step < end:
+            epoch, i = divmod(self.step, per_epoch)
+            if order_epoch != epoch:
+                order, order_epoch = self._epoch_order(epoch, n), epoch
+            rows = order[i * bs:(i + 1) * bs]
+            t0 = time.perf_counter()
+            b = make_batch(train, rows)
+            hidden = self.model.encoder(b.indices, b.offsets, b.weights)
+            loss = self.loss_fn(self.model.head, hidden, b.label_indptr, b.label_indices)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.train_seconds += time.perf_counter() - t0
+            self.step += 1
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            bar.update(1)
+            bar.set_postfix(epoch=f"{self.step / per_epoch:.2f}", loss=f"{loss.item():.3f}",
+                            lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if test_eval is not None and (self.step % eval_every == 0 or self.step == total):
+                m = evaluate_model(self.model, test_eval, inv_prop)
+                self.history.append({"step": self.step, "epoch": self.step / per_epoch,
+                                     "loss": loss_sum / max(loss_n, 1), **m})
+                loss_sum, loss_n = 0.0, 0
+                if self.cfg.progress:
+                    bar.write(f"step {self.step} epoch {self.step / per_epoch:.2f}: "
+                              + " ".join(f"{k} {m[k]:.2f}" for k in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5") if k in m))
+            if checkpoint and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save(checkpoint)
+        bar.close()
+        if checkpoint:
+            self.save(checkpoint)
+        return TrainResult(self.step, self.history, self.train_seconds, self.step / per_epoch)
+
+    def state_dict(self) -> dict:
+        return {
+            "model_config": asdict(self.model_cfg),
+            "train_config": asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": self.step,
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str) -> None:
+        """Write the checkpoint atomically (a crash mid-write leaves the previous one)."""
+        tmp = f"{path}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, loss_fn=bce_loss, **overrides) -> "Trainer":
+        """A Trainer in the exact state saved at path (train-config fields can be overridden, e.g. progress)."""
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        tc = TrainConfig(**{**ck["train_config"], **overrides})
+        t = cls(ModelConfig(**ck["model_config"]), tc, loss_fn)
+        t.model.load_state_dict(ck["model"])
+        t.optimizer.load_state_dict(ck["optimizer"])
+        if ck["scheduler"] is not None:
+            # the schedule's length is known in fit (it depends on the data size): restore there
+            t._pending = {"optimizer": ck["optimizer"], "scheduler": ck["scheduler"]}
+        t.step, t.history, t.train_seconds, t.extra = ck["step"], ck["history"], ck["train_seconds"], ck["extra"]
+        torch.set_rng_state(ck["rng"])
+        return t
