@@ -1,0 +1,97 @@
+"""Model, loss, chunked top-k and the trainer: a run resumed from a checkpoint equals the uninterrupted run."""
+import pytest
+import torch
+from torch import nn
+
+from torch_xmc import GroupSharedFanIn, metrics
+from torch_xmc.data import SyntheticSpec, synthetic_split
+from torch_xmc.train import (ModelConfig, TrainConfig, Trainer, bce_loss, build_model, make_batch, normalized,
+                             predict_topk)
+
+SPEC = SyntheticSpec(num_features=400, num_labels=150, labels_per_topic=10)
+
+
+@pytest.fixture(scope="module")
+def split():
+    train, test = synthetic_split(500, 120, SPEC, seed=0)
+    return normalized(train), normalized(test)
+
+
+def test_normalized_rows_have_unit_norm(split):
+    train, _ = split
+    rows = torch.repeat_interleave(torch.arange(train.num_points), train.feat_indptr.diff())
+    sq = torch.zeros(train.num_points).index_add_(0, rows, train.feat_values ** 2)
+    assert torch.allclose(sq, torch.ones_like(sq), atol=1e-5)
+
+
+def test_bce_loss_equals_dense_reference():
+    torch.manual_seed(0)
+    head = nn.Linear(8, 6)
+    hidden = torch.randn(3, 8)
+    indptr, indices = torch.tensor([0, 2, 2, 3]), torch.tensor([1, 4, 0])
+    target = torch.zeros(3, 6)
+    target[0, 1] = target[0, 4] = target[2, 0] = 1
+    want = nn.functional.binary_cross_entropy_with_logits(head(hidden), target, reduction="sum") / 3
+    assert torch.allclose(bce_loss(head, hidden, indptr, indices), want)
+
+
+@pytest.mark.parametrize("head", ["dense", "gsffi"])
+def test_predict_topk_chunked_equals_full(split, head):
+    _, test = split
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(SPEC.num_features, SPEC.num_labels, hidden=32, head=head, fan_in=4, group_size=8))
+    full = predict_topk(model, test, k=5)
+    chunked = predict_topk(model, test, k=5, max_elements=7 * SPEC.num_labels)  # 7 rows per chunk
+    assert torch.equal(full, chunked)
+    b = make_batch(test, torch.arange(test.num_points))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(full, model(b.indices, b.offsets, b.weights).topk(5, dim=1).indices)
+
+
+def test_gsffi_head_is_the_module():
+    model = build_model(ModelConfig(10, 20, hidden=16, head="gsffi", fan_in=2, group_size=4))
+    assert isinstance(model.head, GroupSharedFanIn) and model.head.fan_in == 2
+
+
+def configs(head):
+    mc = ModelConfig(SPEC.num_features, SPEC.num_labels, hidden=32, dropout=0.3, head=head, fan_in=4, group_size=8)
+    tc = TrainConfig(epochs=2, batch_size=64, lr=5e-3, warmup_steps=3, eval_every=5, seed=3, progress=False)
+    return mc, tc
+
+
+@pytest.mark.parametrize("head", ["dense", "gsffi"])
+def test_resume_reproduces_uninterrupted_run(split, tmp_path, head):
+    train, test = split
+    inv_prop = metrics.inverse_propensity(train.label_counts(), train.num_points)
+    mc, tc = configs(head)
+    full = Trainer(mc, tc)
+    full.fit(train, test, inv_prop)
+
+    ck = str(tmp_path / "ck.pt")
+    first = Trainer(mc, tc)
+    first.fit(train, test, inv_prop, checkpoint=ck, stop_at=7)  # stops mid-epoch (8 steps per epoch)
+    assert first.step == 7
+    torch.manual_seed(12345)  # whatever the global RNG did meanwhile, the checkpoint restores it
+    resumed = Trainer.load(ck)
+    result = resumed.fit(train, test, inv_prop)
+    assert result.step == full.step == 16
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for key in sa:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[key][field], sb[key][field]), (key, field)
+    assert full.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+    strip = [{k: v for k, v in h.items() if k != "loss"} for h in full.history]
+    assert strip == [{k: v for k, v in h.items() if k != "loss"} for h in resumed.history]
+
+
+def test_training_learns(split):
+    train, test = split
+    mc = ModelConfig(SPEC.num_features, SPEC.num_labels, hidden=64, dropout=0.2)
+    tc = TrainConfig(epochs=15, batch_size=64, lr=1e-2, warmup_steps=5, seed=0, progress=False)
+    t = Trainer(mc, tc)
+    r = t.fit(train, test)
+    assert r.history[-1]["P@1"] > r.history[0]["P@1"] + 10
+    assert r.history[-1]["loss"] < r.history[0]["loss"]
