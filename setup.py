@@ -13,7 +13,7 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 C_FLAGS = ["-std=c11", "-O3", "-fPIC", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+CXX_FLAGS = ["-O3"]
 
 
 def with_cuda():
@@ -52,6 +52,8 @@ cuda = with_cuda()
 if cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ:
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU is probed at build time; Hopper is the target
 
+# Rebuild when any kernel source or header changes, not only the files compiled directly.
+C_DEPENDS = rel("ops/*.h") + rel("ops/cpu/*.h") + rel("ops/cpu/*.inc")
 sources = rel("bindings/*.cpp")
 if not cuda:
     sources = [s for s in sources if not s.endswith("_cuda.cpp")]
@@ -69,15 +71,17 @@ setup(
     version="0.1.0",
     description="Group-shared fixed fan-in sparse output layers for extreme multi-label classification",
     packages=["torch_xmc"],
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
-    libraries=[("xmc_cpu", {"sources": rel("ops/cpu/*.c"), "include_dirs": ["ops"], "cflags": C_FLAGS})],
+    libraries=[("xmc_cpu", {"sources": rel("ops/cpu/*.c"), "include_dirs": ["ops"], "cflags": C_FLAGS,
+                            "obj_deps": {"": C_DEPENDS}})],
     ext_modules=[
         Extension(
             "torch_xmc._C",
             sources,
             include_dirs=[os.path.join(ROOT, "ops")],
             libraries=["xmc_cpu"],
+            depends=rel("ops/cpu/*.c") + C_DEPENDS + rel("bindings/*.h") + rel("ops/cuda/*.cuh"),
             define_macros=define_macros,
             extra_compile_args=extra,
             extra_link_args=["-fopenmp"],

@@ -6,9 +6,10 @@
 #include "cpu_common.h"
 
 enum {
-  MBLOCK = 64,  /* batch rows per tile */
+  MBLOCK = 256, /* batch rows per tile */
   KBLOCK = 256, /* batch rows per reduction chunk of the weight gradient */
-  LBLOCK = 128  /* labels per block of one group */
+  LBLOCK = 128, /* labels per block of one group */
+  PREFETCH_LABELS = 64 /* how far ahead along a row the gradient kernels prefetch */
 };
 
 #define FN(name) name##_f32

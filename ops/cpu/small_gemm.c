@@ -9,14 +9,14 @@
 #define NR 16
 
 #define DEFINE_PLAIN_GEMM(NAME, T)                                                                          \
-  static void NAME(int64_t M, int64_t N, int64_t K, const T *restrict A, int64_t lda, const T *restrict B,    \
-                   int64_t ldb, T *restrict C, int64_t ldc, int accumulate) {                               \
+  static void NAME(int64_t M, int64_t N, int64_t K, const T *restrict A, int64_t lda, int64_t ak,             \
+                   const T *restrict B, int64_t ldb, T *restrict C, int64_t ldc, int accumulate) {          \
     for (int64_t i = 0; i < M; ++i) {                                                                       \
       T *restrict c = C + i * ldc;                                                                          \
       if (!accumulate)                                                                                      \
         for (int64_t j = 0; j < N; ++j) c[j] = 0;                                                           \
       for (int64_t k = 0; k < K; ++k) {                                                                     \
-        const T a = A[i * lda + k];                                                                         \
+        const T a = A[i * lda + k * ak];                                                                         \
         const T *restrict b = B + k * ldb;                                                                  \
         for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];                                                   \
       }                                                                                                     \
@@ -26,49 +26,64 @@
 DEFINE_PLAIN_GEMM(plain_sgemm, float)
 DEFINE_PLAIN_GEMM(plain_dgemm, double)
 
-__attribute__((target("avx2,fma"))) static void kernel_6x16(int64_t K, const float *restrict A, int64_t lda,
-                                                            const float *restrict B, int64_t ldb, float *restrict C,
-                                                            int64_t ldc, int accumulate) {
+/* C[0:mr, 0:16] (+)= A[0:mr, :] @ B[:, 0:16] with the tile in registers; mr <= MR is a constant at each call
+ * site below, so every loop over rows unrolls and the unused accumulators vanish. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void kernel_16(int mr, int64_t K, const float *restrict A,
+                                                                              int64_t lda, int64_t ak, const float *restrict B,
+                                                                              int64_t ldb, float *restrict C,
+                                                                              int64_t ldc, int accumulate) {
   __m256 c[MR][2];
-  for (int i = 0; i < MR; ++i) {
+  for (int i = 0; i < mr; ++i) {
     c[i][0] = accumulate ? _mm256_loadu_ps(C + i * ldc) : _mm256_setzero_ps();
     c[i][1] = accumulate ? _mm256_loadu_ps(C + i * ldc + 8) : _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+    for (int i = 0; i < mr; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + k * ak);
       c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
       c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
+  for (int i = 0; i < mr; ++i) {
     _mm256_storeu_ps(C + i * ldc, c[i][0]);
     _mm256_storeu_ps(C + i * ldc + 8, c[i][1]);
   }
 }
 
 __attribute__((target("avx2,fma"))) static void avx2_sgemm(int64_t M, int64_t N, int64_t K, const float *A,
-                                                           int64_t lda, const float *B, int64_t ldb, float *C,
+                                                           int64_t lda, int64_t ak, const float *B, int64_t ldb, float *C,
                                                            int64_t ldc, int accumulate) {
-  const int64_t M_full = M - M % MR, N_full = N - N % NR;
-  for (int64_t i = 0; i < M_full; i += MR)
-    for (int64_t j = 0; j < N_full; j += NR) kernel_6x16(K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-  /* edges: the last M % MR rows (all columns), then the last N % NR columns of the full rows */
-  if (M_full < M) plain_sgemm(M - M_full, N, K, A + M_full * lda, lda, B, ldb, C + M_full * ldc, ldc, accumulate);
-  if (N_full < N && M_full > 0) plain_sgemm(M_full, N - N_full, K, A, lda, B + N_full, ldb, C + N_full, ldc, accumulate);
+  const int64_t N_full = N - N % NR;
+  for (int64_t i = 0; i < M; i += MR) {
+    const int mr = (int)(M - i < MR ? M - i : MR);
+    for (int64_t j = 0; j < N_full; j += NR) {
+      const float *a = A + i * lda, *b = B + j;
+      float *c = C + i * ldc + j;
+      switch (mr) {
+        case 6: kernel_16(6, K, a, lda, ak, b, ldb, c, ldc, accumulate); break;
+        case 5: kernel_16(5, K, a, lda, ak, b, ldb, c, ldc, accumulate); break;
+        case 4: kernel_16(4, K, a, lda, ak, b, ldb, c, ldc, accumulate); break;
+        case 3: kernel_16(3, K, a, lda, ak, b, ldb, c, ldc, accumulate); break;
+        case 2: kernel_16(2, K, a, lda, ak, b, ldb, c, ldc, accumulate); break;
+        default: kernel_16(1, K, a, lda, ak, b, ldb, c, ldc, accumulate); break;
+      }
+    }
+  }
+  /* the last N % NR columns */
+  if (N_full < N) plain_sgemm(M, N - N_full, K, A, lda, ak, B + N_full, ldb, C + N_full, ldc, accumulate);
 }
 
-void xmc_sgemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb, float *C,
-               int64_t ldc, int accumulate) {
+void xmc_sgemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, int64_t ak, const float *B, int64_t ldb,
+               float *C, int64_t ldc, int accumulate) {
   /* libgcc reads the CPU's features once at load time; these are two memory reads */
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    avx2_sgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    avx2_sgemm(M, N, K, A, lda, ak, B, ldb, C, ldc, accumulate);
   else
-    plain_sgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    plain_sgemm(M, N, K, A, lda, ak, B, ldb, C, ldc, accumulate);
 }
 
-void xmc_dgemm(int64_t M, int64_t N, int64_t K, const double *A, int64_t lda, const double *B, int64_t ldb,
-               double *C, int64_t ldc, int accumulate) {
-  plain_dgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+void xmc_dgemm(int64_t M, int64_t N, int64_t K, const double *A, int64_t lda, int64_t ak, const double *B,
+               int64_t ldb, double *C, int64_t ldc, int accumulate) {
+  plain_dgemm(M, N, K, A, lda, ak, B, ldb, C, ldc, accumulate);
 }
