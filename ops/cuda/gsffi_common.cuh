@@ -1,0 +1,144 @@
+// Pieces shared by the GSFFI CUDA kernels: dtype helpers, tensor-core fragments, launch sizing, workspace.
+//
+// Tensor-core layout trick used by all three kernels. mma.sync m16n8k16 wants each thread to hold the k pairs
+// {2q, 2q+1} and {2q+8, 2q+9} of a 16-wide k step (q = lane % 4). The order in which k is summed is free, so
+// we relabel k inside every 32-wide chunk: logical k of step s maps to physical k = 8q + 4s + 2*(k >= 8) + (k & 1).
+// A thread that loads 8 consecutive physical k (16 bytes) then holds both k steps' fragments in its 4 words,
+// with no shuffles; the operand that comes from shared memory through ldmatrix uses the same map in its row
+// addresses, which costs nothing because ldmatrix takes one address per row.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "xmc.h"
+
+namespace xmc_cuda {
+
+template <class T> __host__ __device__ __forceinline__ T xmin(T a, T b) { return a < b ? a : b; }
+template <class T> __host__ __device__ __forceinline__ T xmax(T a, T b) { return a < b ? b : a; }
+
+template <class T> struct AccT { using type = float; };
+template <> struct AccT<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ void put(float *p, float v) { *p = v; }
+__device__ __forceinline__ void put(double *p, double v) { *p = v; }
+__device__ __forceinline__ void put(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void put(__half *p, float v) { *p = __float2half_rn(v); }
+
+// Two 16-bit values packed low-first, as the mma fragments want them.
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16, float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(__half, float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// D += A * B, m16n8k16, fp32 accumulators.
+__device__ __forceinline__ void mma16816(__nv_bfloat16, float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma16816(__half, float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t smem_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr));
+}
+
+__device__ __forceinline__ uint4 ldg16(const void *p) { return __ldg(reinterpret_cast<const uint4 *>(p)); }
+
+__device__ __forceinline__ uint32_t word(const uint4 &v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The low (sel_hi = false) or high 16-bit halves of a and b, packed (a's half low).
+__device__ __forceinline__ uint32_t halves(uint32_t a, uint32_t b, bool hi) {
+  return __byte_perm(a, b, hi ? 0x7632 : 0x5410);
+}
+
+// n consecutive 16-bit elements starting at p (n = 2, 4 or 8) as up to 4 words; elements at or past `valid`
+// read as zero. `vec` says that p is aligned to the full width.
+template <int N, class T>
+__device__ __forceinline__ uint4 load_elems(const T *p, int64_t valid, bool vec) {
+  uint4 r = make_uint4(0, 0, 0, 0);
+  if (valid >= N && vec) {
+    if (N == 8) r = *reinterpret_cast<const uint4 *>(p);
+    if (N == 4) { uint2 v = *reinterpret_cast<const uint2 *>(p); r.x = v.x; r.y = v.y; }
+    if (N == 2) r.x = *reinterpret_cast<const uint32_t *>(p);
+    return r;
+  }
+  uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    if (e < valid) {
+      uint32_t bits = *reinterpret_cast<const uint16_t *>(p + e);
+      w[e >> 1] |= bits << (16 * (e & 1));
+    }
+  }
+  r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
+  return r;
+}
+
+inline int device_attr(cudaDeviceAttr a) {
+  int dev = 0, v = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&v, a, dev);
+  return v;
+}
+inline int num_sms() { return device_attr(cudaDevAttrMultiProcessorCount); }
+inline int smem_optin() { return device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
+
+// Raises a kernel's dynamic shared-memory limit (needed above 48 KB) and returns its blocks per SM.
+template <class K>
+inline int prepare(K kernel, int threads, size_t smem) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  int blocks = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem);
+  return blocks;
+}
+
+// Scratch memory, stream-ordered (cudaMallocAsync / cudaFreeAsync), so the C API keeps the same signature on
+// every device and the launcher stays usable under CUDA graph capture. The device's default pool is allowed
+// to keep up to 256 MB between calls, so a training loop does not map and unmap its scratch every step.
+inline cudaError_t scratch_alloc(void **p, size_t bytes, cudaStream_t s) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaMemPool_t pool;
+  if (cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
+    uint64_t keep = 0;
+    cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    if (keep < (uint64_t(256) << 20)) {
+      keep = uint64_t(256) << 20;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    }
+  }
+  return cudaMallocAsync(p, bytes, s);
+}
+
+inline int last_error() { return (int)cudaGetLastError(); }
+
+}  // namespace xmc_cuda
+
+#define XMC_CHECK_LAUNCH()            \
+  do {                                \
+    int e_ = xmc_cuda::last_error();  \
+    if (e_ != 0) return e_;           \
+  } while (0)

@@ -1,0 +1,231 @@
+// GSFFI forward on CUDA: y[b, l] = bias[l] + sum_t x[b, indices[l / G, t]] * weight[l, t].
+//
+// Tensor-core path (bf16/fp16): a persistent block keeps a batch tile of x transposed in shared memory
+// (row h = x[b0 .. b0 + BT, h]), so a group's gather is free: ldmatrix takes one row address per lane, and each
+// lane passes the row of its own feature id. A warp takes one work item (a group, or NW of its labels), loads
+// those labels' weights ONCE into registers as mma B fragments (16-byte loads, see gsffi_common.cuh), and
+// sweeps the whole batch tile with them. Blocks of the same label range but different batch tiles run side by
+// side (block id = chunk * n_tiles + tile), so weights come from DRAM once and from L2 for the other tiles.
+// The output, the largest stream, is written with evict-first stores.
+#include "gsffi_common.cuh"
+
+namespace xmc_cuda {
+namespace {
+
+constexpr int kFwdThreads = 512;
+
+template <class T, int NW, int KC>
+__global__ void __launch_bounds__(kFwdThreads, 1)
+    fwd_mma(const T *__restrict__ x, const T *__restrict__ w, const int32_t *__restrict__ idx,
+            const T *__restrict__ bias, T *__restrict__ y, int64_t B, int H, int64_t L, int F, int G, int BT, int nbt,
+            int nj, int64_t n_items, bool x_vec, bool pair_store) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int stride = BT * 2 + 16;  // bytes per row; the 16-byte skew puts consecutive rows on other banks
+  const int bt = blockIdx.x % nbt;
+  const int64_t b0 = (int64_t)bt * BT;
+  const int rows = (int)xmin<int64_t>(BT, B - b0);
+
+  // Fill x^T: rows 0..H-1 from x, row H zeros (padded fan-in slots point there), columns >= rows zeros.
+  const int hchunks = (H + 8) / 8;  // 8 features per step, row H included
+  for (int e = threadIdx.x; e < BT * hchunks; e += blockDim.x) {
+    const int r = e / hchunks, h0 = (e - r * hchunks) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < rows && h0 < H) v = load_elems<8>(x + (b0 + r) * H + h0, H - h0, x_vec);
+    const uint16_t *pv = reinterpret_cast<const uint16_t *>(&v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (h0 + k <= H) *reinterpret_cast<uint16_t *>(smem + (size_t)(h0 + k) * stride + r * 2) = pv[k];
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
+  const int nwarps = blockDim.x >> 5;
+  const int64_t wstride = (int64_t)(gridDim.x / nbt) * nwarps;
+  // ldmatrix.x4.trans: lane 8i + r gives row r of matrix i; i & 1 picks the batch half, i >> 1 the k half.
+  const int kappa = ((lane >> 4) << 3) | (lane & 7);
+  const int kperm = 8 * ((kappa & 7) >> 1) + 2 * (kappa >> 3) + (kappa & 1);
+  const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(smem) + ((lane >> 3) & 1) * 16;
+  const int mtiles = (rows + 15) >> 4;
+
+  for (int64_t item = (int64_t)(blockIdx.x / nbt) * nwarps + warp; item < n_items; item += wstride) {
+    const int64_t g = item / nj;
+    const int64_t l0 = g * G + (item - g * nj) * NW;
+    const int64_t lend = xmin<int64_t>(g * G + G, L);
+
+    uint4 wf[NW / 8][KC];
+#pragma unroll
+    for (int nt = 0; nt < NW / 8; ++nt) {
+      const int64_t l = l0 + nt * 8 + r4;
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        const int k = kc * 32 + 8 * q;
+        wf[nt][kc] = (l < lend && k < F) ? ldg16(w + l * F + k) : make_uint4(0, 0, 0, 0);
+      }
+    }
+    uint32_t aoff[KC][2];
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int p = kc * 32 + 4 * s + kperm;
+        const int h = p < F ? __ldg(idx + g * F + p) : H;
+        aoff[kc][s] = xs_base + (uint32_t)h * stride;
+      }
+    float bia[NW / 8][2];
+#pragma unroll
+    for (int nt = 0; nt < NW / 8; ++nt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int64_t l = l0 + nt * 8 + 2 * q + j;
+        bia[nt][j] = (bias != nullptr && l < lend) ? to_acc(bias[l]) : 0.f;
+      }
+
+    for (int mt = 0; mt < mtiles; ++mt) {
+      float acc[NW / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < NW / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          uint32_t a[4];
+          ldsm_x4_trans(a, aoff[kc][s] + mt * 32);
+#pragma unroll
+          for (int nt = 0; nt < NW / 8; ++nt)
+            mma16816(T(), acc[nt], a, s ? wf[nt][kc].z : wf[nt][kc].x, s ? wf[nt][kc].w : wf[nt][kc].y);
+        }
+#pragma unroll
+      for (int nt = 0; nt < NW / 8; ++nt) {
+        const int64_t l = l0 + nt * 8 + 2 * q;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int row = mt * 16 + r4 + 8 * hh;
+          if (row >= rows) continue;
+          T *dst = y + (b0 + row) * L + l;
+          const float v0 = acc[nt][2 * hh] + bia[nt][0], v1 = acc[nt][2 * hh + 1] + bia[nt][1];
+          if (pair_store && l + 1 < lend) {
+            __stcs(reinterpret_cast<unsigned int *>(dst), pack2(T(), v0, v1));
+          } else {
+            if (l < lend) put(dst, v0);
+            if (l + 1 < lend) put(dst + 1, v1);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Any dtype and shape: one thread per output, accumulating in AccT.
+template <class T>
+__global__ void fwd_generic(const T *__restrict__ x, const T *__restrict__ w, const int32_t *__restrict__ idx,
+                            const T *__restrict__ bias, T *__restrict__ y, int64_t B, int64_t H, int64_t L, int64_t F,
+                            int64_t G) {
+  using A = typename AccT<T>::type;
+  const int64_t n = B * L;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = e / L, l = e - b * L;
+    const T *xr = x + b * H, *wr = w + l * F;
+    const int32_t *ir = idx + (l / G) * F;
+    A acc = 0;
+    for (int64_t t = 0; t < F; ++t) acc += (A)to_acc(xr[ir[t]]) * (A)to_acc(wr[t]);
+    if (bias != nullptr) acc += (A)to_acc(bias[l]);
+    put(y + e, acc);
+  }
+}
+
+template <class T>
+int launch_generic(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
+                   cudaStream_t st) {
+  const int threads = 256;
+  const int64_t blocks = xmin<int64_t>((s.batch * s.out_features + threads - 1) / threads, (int64_t)num_sms() * 32);
+  fwd_generic<T><<<(unsigned)blocks, threads, 0, st>>>((const T *)x, (const T *)w, idx, (const T *)bias, (T *)y,
+                                                       s.batch, s.in_features, s.out_features, s.fan_in,
+                                                       s.group_size);
+  XMC_CHECK_LAUNCH();
+  return 0;
+}
+
+template <class T, int NW, int KC>
+int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
+               cudaStream_t st, int BT) {
+  const size_t smem = (size_t)(s.in_features + 1) * (BT * 2 + 16);
+  auto kernel = fwd_mma<T, NW, KC>;
+  const int per_sm = prepare(kernel, kFwdThreads, smem);
+  XMC_CHECK_LAUNCH();
+  const int nbt = (int)((s.batch + BT - 1) / BT);
+  const int nj = (int)((s.group_size + NW - 1) / NW);
+  const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
+  const int64_t n_items = n_groups * nj;
+  const int64_t warps = kFwdThreads / 32;
+  int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / nbt);
+  chunks = xmin<int64_t>(chunks, (n_items + warps - 1) / warps);
+  const bool x_vec = s.in_features % 8 == 0 && (uintptr_t)x % 16 == 0;
+  const bool pair = s.out_features % 2 == 0 && s.group_size % 2 == 0 && (uintptr_t)y % 4 == 0;
+  kernel<<<(unsigned)(chunks * nbt), kFwdThreads, smem, st>>>(
+      (const T *)x, (const T *)w, idx, (const T *)bias, (T *)y, s.batch, (int)s.in_features, s.out_features,
+      (int)s.fan_in, (int)s.group_size, BT, nbt, nj, n_items, x_vec, pair);
+  XMC_CHECK_LAUNCH();
+  return 0;
+}
+
+// Picks NW (labels per warp item, at most 32: 64 spills under the 128-register cap of 512 threads) and KC
+// (32-wide fan-in chunks) so the weight fragments stay <= 64 registers.
+template <class T>
+int launch_mma_sized(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
+                     cudaStream_t st, int BT) {
+  const int64_t G8 = (s.group_size + 7) / 8 * 8;
+  const int kc = s.fan_in <= 32 ? 1 : s.fan_in <= 64 ? 2 : s.fan_in <= 128 ? 4 : 8;
+  const int cap = 128 / kc;  // NW * KC <= 128
+  const int nw = (int)xmin<int64_t>(G8 <= 8 ? 8 : G8 <= 16 ? 16 : 32, cap);
+#define XMC_FWD(NW_, KC_) \
+  if (nw == NW_ && kc == KC_) return launch_mma<T, NW_, KC_>(s, x, w, idx, bias, y, st, BT);
+  XMC_FWD(8, 1) XMC_FWD(16, 1) XMC_FWD(32, 1)
+  XMC_FWD(8, 2) XMC_FWD(16, 2) XMC_FWD(32, 2)
+  XMC_FWD(8, 4) XMC_FWD(16, 4) XMC_FWD(32, 4)
+  XMC_FWD(8, 8) XMC_FWD(16, 8)
+#undef XMC_FWD
+  return launch_generic<T>(s, x, w, idx, bias, y, st);
+}
+
+// Batch tile for the tensor-core path: the largest of 128/64/32/16 rows (no more than the batch needs) whose
+// x^T tile fits in shared memory; 0 if none does.
+int forward_batch_tile(xmc_gsffi_shape s) {
+  const int64_t limit = smem_optin();
+  int bt = 16;
+  while (bt < 128 && bt < s.batch) bt *= 2;
+  for (; bt >= 16; bt /= 2)
+    if ((s.in_features + 1) * (int64_t)(bt * 2 + 16) <= limit) return bt;
+  return 0;
+}
+
+template <class T>
+int forward_half(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
+                 cudaStream_t st) {
+  const bool ok = s.fan_in % 8 == 0 && s.fan_in <= 256 && (uintptr_t)w % 16 == 0;
+  const int BT = ok ? forward_batch_tile(s) : 0;
+  if (BT == 0) return launch_generic<T>(s, x, w, idx, bias, y, st);
+  return launch_mma_sized<T>(s, x, w, idx, bias, y, st, BT);
+}
+
+}  // namespace
+}  // namespace xmc_cuda
+
+extern "C" int xmc_gsffi_forward_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
+                                      const int32_t *indices, const void *bias, void *y, xmc_exec ex) {
+  using namespace xmc_cuda;
+  if (s.batch == 0 || s.out_features == 0) return 0;
+  cudaStream_t st = (cudaStream_t)ex.stream;
+  switch (dt) {
+    case XMC_BF16: return forward_half<__nv_bfloat16>(s, x, weight, indices, bias, y, st);
+    case XMC_F16: return forward_half<__half>(s, x, weight, indices, bias, y, st);
+    case XMC_F32: return launch_generic<float>(s, x, weight, indices, bias, y, st);
+    case XMC_F64: return launch_generic<double>(s, x, weight, indices, bias, y, st);
+  }
+  return XMC_ERR_DTYPE;
+}
+
+extern "C" const char *xmc_cuda_error_string(int code) {
+  if (code == XMC_ERR_DTYPE) return "unsupported dtype";
+  if (code == XMC_ERR_NOMEM) return "out of device memory for scratch buffers";
+  return cudaGetErrorString((cudaError_t)code);
+}

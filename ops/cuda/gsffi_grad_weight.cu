@@ -1,0 +1,181 @@
+// GSFFI weight gradient on CUDA: grad_w[l, t] = sum_b grad_y[b, l] * x[b, indices[l / G, t]].
+//
+// Tensor-core path (bf16/fp16): per group, grad_w_g (labels x slots) = grad_y_g^T (labels x B) @ x_g (B x slots),
+// summed over the whole batch inside one warp, so every weight gradient is written once, with no partial sums.
+// x is first transposed into scratch, x^T [H, B rounded up to 32, zero padded], so the gathered operand
+// (slot t -> row indices[g, t] of x^T) is a run of consecutive batch entries: 16-byte loads give the B
+// fragments directly. grad_y rows are loaded 2-16 labels wide and turned into A fragments by byte permutes
+// (an A k pair spans two batch rows). A warp item is (group, label chunk, slot chunk), slot chunk fastest, so
+// the warps that share a group's grad_y run side by side and hit L1/L2.
+#include "gsffi_common.cuh"
+
+namespace xmc_cuda {
+namespace {
+
+template <class T>
+__global__ void transpose_pad(const T *__restrict__ x, T *__restrict__ xt, int64_t B, int64_t Bp, int64_t H) {
+  __shared__ T tile[32][33];
+  const int64_t h0 = blockIdx.x * 32LL, b0 = blockIdx.y * 32LL;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int64_t b = b0 + i, h = h0 + threadIdx.x;
+    tile[i][threadIdx.x] = (b < B && h < H) ? x[b * H + h] : T(0.f);
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int64_t h = h0 + i, b = b0 + threadIdx.x;
+    if (h < H && b < Bp) xt[h * Bp + b] = tile[threadIdx.x][i];
+  }
+}
+
+constexpr int kDwThreads = 256;
+
+// LW labels per lane load (label chunk = 8 LW labels, LW / 2 m16 tiles), NTW n8 tiles of slots.
+template <class T, int LW, int NTW>
+__global__ void __launch_bounds__(kDwThreads, 1)
+    dw_mma(const T *__restrict__ dy, const T *__restrict__ xt, const int32_t *__restrict__ idx, T *__restrict__ gw,
+           int64_t B, int64_t Bp, int64_t L, int F, int G, int nlc, int nsc, int64_t n_items, bool dy_vec) {
+  constexpr int MT = LW / 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
+  const int64_t wstride = (int64_t)gridDim.x * (blockDim.x >> 5);
+  for (int64_t item = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp; item < n_items; item += wstride) {
+    const int64_t g = item / (nlc * nsc);
+    const int rem = (int)(item - g * nlc * nsc), lc = rem / nsc, sc = rem - lc * nsc;
+    const int64_t lg = g * G, lend = xmin<int64_t>(lg + G, L);
+    const int64_t l0 = lg + (int64_t)lc * 8 * LW;
+    const int s0 = sc * 8 * NTW;
+    const int64_t lane_l = l0 + LW * r4;  // this lane's first label in grad_y loads
+    const T *xrow[NTW];
+#pragma unroll
+    for (int nt = 0; nt < NTW; ++nt) {
+      const int t = s0 + nt * 8 + r4;
+      xrow[nt] = t < F ? xt + (int64_t)__ldg(idx + g * F + t) * Bp + 8 * q : nullptr;
+    }
+    float acc[MT][NTW][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+
+#pragma unroll 2
+    for (int64_t kb = 0; kb < B; kb += 32) {
+      uint4 d[8];
+#pragma unroll
+      for (int v = 0; v < 8; ++v) {
+        const int64_t b = kb + 8 * q + v;
+        d[v] = b < B ? load_elems<LW>(dy + b * L + lane_l, lend - lane_l, dy_vec) : make_uint4(0, 0, 0, 0);
+      }
+      uint4 xv[NTW];
+#pragma unroll
+      for (int nt = 0; nt < NTW; ++nt) xv[nt] = xrow[nt] != nullptr ? ldg16(xrow[nt] + kb) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          // row m = r4 is label LW r4 + 2 mt (low halves), m + 8 the next label (high halves)
+          const uint32_t a[4] = {halves(word(d[4 * s], mt), word(d[4 * s + 1], mt), false),
+                                 halves(word(d[4 * s], mt), word(d[4 * s + 1], mt), true),
+                                 halves(word(d[4 * s + 2], mt), word(d[4 * s + 3], mt), false),
+                                 halves(word(d[4 * s + 2], mt), word(d[4 * s + 3], mt), true)};
+#pragma unroll
+          for (int nt = 0; nt < NTW; ++nt) mma16816(T(), acc[mt][nt], a, word(xv[nt], 2 * s), word(xv[nt], 2 * s + 1));
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NTW; ++nt) {
+        const int t = s0 + nt * 8 + 2 * q;
+        if (t >= F) continue;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int64_t l = lane_l + 2 * mt + hh;
+          if (l < lend)
+            *reinterpret_cast<uint32_t *>(gw + l * F + t) = pack2(T(), acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
+        }
+      }
+  }
+}
+
+// Any dtype and shape: one thread per weight, l fastest so grad_y reads coalesce.
+template <class T>
+__global__ void dw_generic(const T *__restrict__ dy, const T *__restrict__ x, const int32_t *__restrict__ idx,
+                           T *__restrict__ gw, int64_t B, int64_t H, int64_t L, int64_t F, int64_t G) {
+  using A = typename AccT<T>::type;
+  const int64_t n = L * F;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t t = e / L, l = e - t * L;
+    const int64_t h = idx[(l / G) * F + t];
+    A s = 0;
+    for (int64_t b = 0; b < B; ++b) s += (A)to_acc(dy[b * L + l]) * (A)to_acc(x[b * H + h]);
+    put(gw + l * F + t, s);
+  }
+}
+
+template <class T>
+int grad_weight_generic(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw,
+                        cudaStream_t st) {
+  const int64_t n = s.out_features * s.fan_in;
+  const int64_t blocks = xmin<int64_t>((n + 255) / 256, (int64_t)num_sms() * 32);
+  dw_generic<T><<<(unsigned)blocks, 256, 0, st>>>((const T *)dy, (const T *)x, idx, (T *)gw, s.batch,
+                                                  s.in_features, s.out_features, s.fan_in, s.group_size);
+  XMC_CHECK_LAUNCH();
+  return 0;
+}
+
+template <class T, int LW, int NTW>
+int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw,
+                    cudaStream_t st) {
+  const int64_t Bp = (s.batch + 31) / 32 * 32;
+  T *xt = nullptr;
+  if (scratch_alloc((void **)&xt, (size_t)(s.in_features * Bp) * sizeof(T), st) != cudaSuccess) {
+    cudaGetLastError();
+    return XMC_ERR_NOMEM;
+  }
+  transpose_pad<T><<<dim3((unsigned)((s.in_features + 31) / 32), (unsigned)(Bp / 32)), dim3(32, 8), 0, st>>>(
+      (const T *)x, xt, s.batch, Bp, s.in_features);
+  int rc = last_error();
+  if (rc == 0) {
+    auto kernel = dw_mma<T, LW, NTW>;
+    const int per_sm = prepare(kernel, kDwThreads, 0);
+    const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
+    const int nlc = (int)((s.group_size + 8 * LW - 1) / (8 * LW));
+    const int nsc = (int)((s.fan_in + 8 * NTW - 1) / (8 * NTW));
+    const int64_t n_items = n_groups * nlc * nsc;
+    const int64_t warps = kDwThreads / 32;
+    const int64_t blocks = xmin<int64_t>((int64_t)num_sms() * xmax(per_sm, 1), (n_items + warps - 1) / warps);
+    const bool dy_vec = s.out_features % LW == 0 && s.group_size % LW == 0 && (uintptr_t)dy % (2 * LW) == 0;
+    kernel<<<(unsigned)blocks, kDwThreads, 0, st>>>((const T *)dy, xt, idx, (T *)gw, s.batch, Bp, s.out_features,
+                                                    (int)s.fan_in, (int)s.group_size, nlc, nsc, n_items, dy_vec);
+    rc = last_error();
+  }
+  cudaFreeAsync(xt, st);
+  return rc;
+}
+
+template <class T>
+int grad_weight_half(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw,
+                     cudaStream_t st) {
+  const bool ok = s.fan_in % 8 == 0 && (uintptr_t)gw % 4 == 0;
+  if (!ok) return grad_weight_generic<T>(s, dy, x, idx, gw, st);
+  // Accumulators: (LW / 2) x NTW x 4 registers = 64.
+  if (s.group_size > 32) return grad_weight_mma<T, 8, 4>(s, dy, x, idx, gw, st);
+  if (s.group_size > 16) return grad_weight_mma<T, 4, 8>(s, dy, x, idx, gw, st);
+  return grad_weight_mma<T, 2, 8>(s, dy, x, idx, gw, st);
+}
+
+}  // namespace
+}  // namespace xmc_cuda
+
+extern "C" int xmc_gsffi_grad_weight_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                                          const int32_t *indices, void *grad_weight, xmc_exec ex) {
+  using namespace xmc_cuda;
+  if (s.batch == 0) return 0;
+  cudaStream_t st = (cudaStream_t)ex.stream;
+  switch (dt) {
+    case XMC_BF16: return grad_weight_half<__nv_bfloat16>(s, grad_y, x, indices, grad_weight, st);
+    case XMC_F16: return grad_weight_half<__half>(s, grad_y, x, indices, grad_weight, st);
+    case XMC_F32: return grad_weight_generic<float>(s, grad_y, x, indices, grad_weight, st);
+    case XMC_F64: return grad_weight_generic<double>(s, grad_y, x, indices, grad_weight, st);
+  }
+  return XMC_ERR_DTYPE;
+}
