@@ -110,29 +110,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gsffi_backward(const at::Tensor &
   s.batch = dy.size(0);
   const xmc_dtype dt = to_xmc(x.scalar_type());
   at::Tensor gx, gw, gb;
-  if (output_mask[0]) {
-    gx = at::empty({s.batch, s.in_features}, x.options());
-    if (s.batch > 0) {
-      auto w = weight.contiguous();
-      check_rc(op,
-               k.grad_input(s, dt, dy.const_data_ptr(), w.const_data_ptr(), idx.const_data_ptr<int32_t>(),
-                            gx.mutable_data_ptr(), k.exec(x)),
-               k);
-    }
-    gx = gx.view(with_last(lead, s.in_features));
-  }
-  if (output_mask[1]) {
-    if (s.batch > 0) {
-      gw = at::empty({s.out_features, s.fan_in}, weight.options());
-      auto x2 = x.reshape({-1, s.in_features}).contiguous();
-      check_rc(op,
-               k.grad_weight(s, dt, dy.const_data_ptr(), x2.const_data_ptr(), idx.const_data_ptr<int32_t>(),
-                             gw.mutable_data_ptr(), k.exec(x)),
-               k);
+  if (output_mask[0]) gx = at::empty({s.batch, s.in_features}, x.options());
+  if (output_mask[1]) gw = s.batch > 0 ? at::empty({s.out_features, s.fan_in}, weight.options())
+                                       : at::zeros({s.out_features, s.fan_in}, weight.options());
+  if (s.batch > 0 && (gx.defined() || gw.defined())) {
+    auto w = weight.contiguous();
+    auto x2 = x.reshape({-1, s.in_features}).contiguous();
+    const int32_t *ix = idx.const_data_ptr<int32_t>();
+    void *gx_ptr = gx.defined() ? gx.mutable_data_ptr() : nullptr;
+    void *gw_ptr = gw.defined() ? gw.mutable_data_ptr() : nullptr;
+    if (k.backward) {
+      check_rc(op, k.backward(s, dt, dy.const_data_ptr(), x2.const_data_ptr(), w.const_data_ptr(), ix, gx_ptr, gw_ptr,
+                              k.exec(x)), k);
     } else {
-      gw = at::zeros({s.out_features, s.fan_in}, weight.options());
+      if (gx_ptr) check_rc(op, k.grad_input(s, dt, dy.const_data_ptr(), w.const_data_ptr(), ix, gx_ptr, k.exec(x)), k);
+      if (gw_ptr) check_rc(op, k.grad_weight(s, dt, dy.const_data_ptr(), x2.const_data_ptr(), ix, gw_ptr, k.exec(x)), k);
     }
   }
+  if (gx.defined()) gx = gx.view(with_last(lead, s.in_features));
   if (output_mask[2]) {
     // Reduced in the accumulation dtype, like nn.Linear's bias gradient.
     auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -13,8 +13,15 @@ const char *cpu_error(int code) {
   return code == XMC_ERR_NOMEM ? "out of memory for scratch buffers" : "unsupported dtype";
 }
 
-const GsffiKernels kCpu{"CPU",    xmc_gsffi_forward_cpu, xmc_gsffi_grad_input_cpu, xmc_gsffi_grad_weight_cpu,
-                        cpu_exec, cpu_error,             /*check_index_range=*/true, /*half=*/false};
+const GsffiKernels kCpu{"CPU",
+                        xmc_gsffi_forward_cpu,
+                        xmc_gsffi_grad_input_cpu,
+                        xmc_gsffi_grad_weight_cpu,
+                        xmc_gsffi_backward_cpu,
+                        cpu_exec,
+                        cpu_error,
+                        /*check_index_range=*/true,
+                        /*half=*/false};
 
 at::Tensor forward(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,
                    const std::optional<at::Tensor> &bias, int64_t group_size) {

@@ -54,6 +54,9 @@ typedef int (*xmc_gsffi_grad_input_fn)(xmc_gsffi_shape s, xmc_dtype dt, const vo
                                        const int32_t *indices, void *grad_x, xmc_exec ex);
 typedef int (*xmc_gsffi_grad_weight_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
                                         const int32_t *indices, void *grad_weight, xmc_exec ex);
+typedef int (*xmc_gsffi_backward_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                                     const void *weight, const int32_t *indices, void *grad_x, void *grad_weight,
+                                     xmc_exec ex);
 
 /* CPU (ops/cpu/): float32, bfloat16, float64. */
 int xmc_gsffi_forward_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
@@ -62,6 +65,10 @@ int xmc_gsffi_grad_input_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y
                              const int32_t *indices, void *grad_x, xmc_exec ex);
 int xmc_gsffi_grad_weight_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
                               const int32_t *indices, void *grad_weight, xmc_exec ex);
+/* Both gradients in one pass over grad_y (each may be NULL; x is only read for grad_weight, weight only for
+ * grad_x). The two functions above are this one with one output left out. */
+int xmc_gsffi_backward_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x, const void *weight,
+                           const int32_t *indices, void *grad_x, void *grad_weight, xmc_exec ex);
 
 /* First position p in indices[0 .. n) with indices[p] outside [0, bound), or -1 if there is none. */
 int64_t xmc_find_out_of_range_cpu(const int32_t *indices, int64_t n, int64_t bound);
@@ -75,6 +82,24 @@ int xmc_gsffi_grad_weight_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad
                                const int32_t *indices, void *grad_weight, xmc_exec ex);
 /* Text for a nonzero code returned by a CUDA launcher. */
 const char *xmc_cuda_error_string(int code);
+
+/* ---- SGD with momentum and stochastic rounding (ops/cpu/sgd_sr.c) ------------------------------------------
+ * In place over n elements of param, momentum_buf (NULL, or ignored when momentum = 0) and grad, all of dtype dt:
+ *   d = grad + weight_decay * param
+ *   m = first_step ? d : momentum * m + (1 - dampening) * d;   d = nesterov ? d + momentum * m : m
+ *   param -= lr * d
+ * computed in float32. float32 stores the results as they are; bfloat16 rounds param and m stochastically
+ * (unbiased), with the bits of element i a hash of (key, i): the low 16 for param, the high 16 for m. So the
+ * result depends on key and the data only, never on num_threads. */
+typedef struct {
+  float lr, momentum, dampening, weight_decay;
+  int nesterov;
+  int first_step; /* momentum_buf holds nothing yet: m = d */
+  uint32_t key;   /* per (seed, parameter, step); see torch_xmc/optim.py */
+} xmc_sgd_sr_args;
+
+int xmc_sgd_sr_cpu(int64_t n, xmc_dtype dt, void *param, void *momentum_buf, const void *grad, xmc_sgd_sr_args a,
+                   xmc_exec ex);
 
 #ifdef __cplusplus
 }

@@ -6,8 +6,7 @@
 #include "cpu_common.h"
 
 enum {
-  MBLOCK = 256, /* batch rows per tile */
-  KBLOCK = 256, /* batch rows per reduction chunk of the weight gradient */
+  MBLOCK = 256, /* batch rows per tile of the forward */
   LBLOCK = 128, /* labels per block of one group */
   PREFETCH_LABELS = 64 /* how far ahead along a row the gradient kernels prefetch */
 };
@@ -35,18 +34,22 @@ int xmc_gsffi_forward_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const 
   return XMC_ERR_DTYPE;
 }
 
+int xmc_gsffi_backward_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x, const void *weight,
+                           const int32_t *indices, void *grad_x, void *grad_weight, xmc_exec ex) {
+  if (dt == XMC_F32 || dt == XMC_BF16)
+    return backward_f32(s, dt, grad_y, x, weight, indices, grad_x, grad_weight, ex.num_threads);
+  if (dt == XMC_F64) return backward_f64(s, dt, grad_y, x, weight, indices, grad_x, grad_weight, ex.num_threads);
+  return XMC_ERR_DTYPE;
+}
+
 int xmc_gsffi_grad_input_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *weight,
                              const int32_t *indices, void *grad_x, xmc_exec ex) {
-  if (dt == XMC_F32 || dt == XMC_BF16) return grad_input_f32(s, dt, grad_y, weight, indices, grad_x, ex.num_threads);
-  if (dt == XMC_F64) return grad_input_f64(s, dt, grad_y, weight, indices, grad_x, ex.num_threads);
-  return XMC_ERR_DTYPE;
+  return xmc_gsffi_backward_cpu(s, dt, grad_y, NULL, weight, indices, grad_x, NULL, ex);
 }
 
 int xmc_gsffi_grad_weight_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
                               const int32_t *indices, void *grad_weight, xmc_exec ex) {
-  if (dt == XMC_F32 || dt == XMC_BF16) return grad_weight_f32(s, dt, grad_y, x, indices, grad_weight, ex.num_threads);
-  if (dt == XMC_F64) return grad_weight_f64(s, dt, grad_y, x, indices, grad_weight, ex.num_threads);
-  return XMC_ERR_DTYPE;
+  return xmc_gsffi_backward_cpu(s, dt, grad_y, x, NULL, indices, NULL, grad_weight, ex);
 }
 
 int64_t xmc_find_out_of_range_cpu(const int32_t *indices, int64_t n, int64_t bound) {
