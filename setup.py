@@ -72,7 +72,7 @@ setup(
     description="Group-shared fixed fan-in sparse output layers for extreme multi-label classification",
     packages=["torch_xmc"],
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "tqdm"],
     libraries=[("xmc_cpu", {"sources": rel("ops/cpu/*.c"), "include_dirs": ["ops"], "cflags": C_FLAGS,
                             "obj_deps": {"": C_DEPENDS}})],
     ext_modules=[
