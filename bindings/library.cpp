@@ -10,6 +10,10 @@ TORCH_LIBRARY(torch_xmc, m) {
   m.def(
       "gsffi_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor indices, int group_size, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // In-place SGD (+momentum) step; bfloat16 rounds stochastically with bits hashed from key. See ops/xmc.h.
+  m.def(
+      "sgd_sr_(Tensor(a!) param, Tensor(b!)? momentum_buf, Tensor grad, float lr, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool first_step, int key) -> ()");
 }
 
 // `import torch_xmc._C` only loads this library so that the registrations above run; ops live in torch.ops.

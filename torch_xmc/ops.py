@@ -45,3 +45,12 @@ def _backward(ctx, grad_y):
 
 
 torch.library.register_autograd("torch_xmc::gsffi_forward", _backward, setup_context=_setup_context)
+
+
+sgd_sr_ = torch.ops.torch_xmc.sgd_sr_
+
+
+@torch.library.register_fake("torch_xmc::sgd_sr_")
+def _sgd_sr_fake(param, momentum_buf, grad, lr, momentum, dampening, weight_decay, nesterov, first_step, key):
+    torch._check(grad.shape == param.shape, lambda: f"grad must have shape {tuple(param.shape)}, got {tuple(grad.shape)}")
+    return None
