@@ -101,24 +101,6 @@ typedef struct {
 int xmc_sgd_sr_cpu(int64_t n, xmc_dtype dt, void *param, void *momentum_buf, const void *grad, xmc_sgd_sr_args a,
                    xmc_exec ex);
 
-/* ---- SGD with momentum and stochastic rounding (ops/cpu/sgd_sr.c) ------------------------------------------
- * In place over n elements of param, momentum_buf (NULL, or ignored when momentum = 0) and grad, all of dtype dt:
- *   d = grad + weight_decay * param
- *   m = first_step ? d : momentum * m + (1 - dampening) * d;   d = nesterov ? d + momentum * m : m
- *   param -= lr * d
- * computed in float32. float32 stores the results as they are; bfloat16 rounds param and m stochastically
- * (unbiased), with the bits of element i a hash of (key, i): the low 16 for param, the high 16 for m. So the
- * result depends on key and the data only, never on num_threads. */
-typedef struct {
-  float lr, momentum, dampening, weight_decay;
-  int nesterov;
-  int first_step; /* momentum_buf holds nothing yet: m = d */
-  uint32_t key;   /* per (seed, parameter, step); see torch_xmc/optim.py */
-} xmc_sgd_sr_args;
-
-int xmc_sgd_sr_cpu(int64_t n, xmc_dtype dt, void *param, void *momentum_buf, const void *grad, xmc_sgd_sr_args a,
-                   xmc_exec ex);
-
 #ifdef __cplusplus
 }
 #endif
