@@ -9,6 +9,14 @@
 namespace torch_xmc {
 namespace {
 
+std::vector<int64_t> with_last(at::IntArrayRef lead, int64_t last) {
+  std::vector<int64_t> s(lead.begin(), lead.end());
+  s.push_back(last);
+  return s;
+}
+
+}  // namespace
+
 xmc_dtype to_xmc(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return XMC_F32;
@@ -18,19 +26,12 @@ xmc_dtype to_xmc(at::ScalarType t) {
   }
 }
 
-std::vector<int64_t> with_last(at::IntArrayRef lead, int64_t last) {
-  std::vector<int64_t> s(lead.begin(), lead.end());
-  s.push_back(last);
-  return s;
-}
-
 void check_same_device_dtype(const char *op, const char *name, const at::Tensor &t, const at::Tensor &x) {
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ", t.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
               " like x, got ", t.scalar_type());
 }
 
-// Checks everything the C kernels assume and returns their shape record. `batch` is filled in by the caller.
 xmc_gsffi_shape check_args(const char *op, const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,
                            int64_t group_size, const GsffiKernels &k) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., in_features], got shape ", x.sizes());
@@ -65,8 +66,6 @@ void check_index_range(const char *op, const at::Tensor &indices, int64_t H) {
 void check_rc(const char *op, int rc, const GsffiKernels &k) {
   TORCH_CHECK(rc == 0, op, ": ", k.device, " kernel failed: ", k.error_string(rc));
 }
-
-}  // namespace
 
 at::Tensor gsffi_forward(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,
                          const std::optional<at::Tensor> &bias, int64_t group_size, const GsffiKernels &k) {

@@ -24,6 +24,20 @@ struct GsffiKernels {
   bool half;               // float16 supported
 };
 
+// Argument checks shared by every op on a GSFFI layer (gsffi.cpp, fused.cpp). Messages start with op.
+xmc_dtype to_xmc(at::ScalarType t);
+void check_same_device_dtype(const char *op, const char *name, const at::Tensor &t, const at::Tensor &x);
+// Checks the layer's x, weight, indices, group_size as the C kernels assume them (not the index values) and
+// returns their shape record; `batch` is filled in by the caller.
+xmc_gsffi_shape check_args(const char *op, const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,
+                           int64_t group_size, const GsffiKernels &k);
+// indices (contiguous int32 on the CPU) must lie in [0, H).
+void check_index_range(const char *op, const at::Tensor &indices, int64_t H);
+void check_rc(const char *op, int rc, const GsffiKernels &k);
+
+// The layer's kernels on the CPU (gsffi_cpu.cpp).
+extern const GsffiKernels kGsffiCpu;
+
 at::Tensor gsffi_forward(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,
                          const std::optional<at::Tensor> &bias, int64_t group_size, const GsffiKernels &k);
 

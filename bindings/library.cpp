@@ -10,6 +10,15 @@ TORCH_LIBRARY(torch_xmc, m) {
   m.def(
       "gsffi_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor indices, int group_size, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Loss of the GSFFI layer's logits against CSR positive-label targets (indptr [B + 1], labels [nnz]) and its
+  // gradients (x, weight, bias), without a B x L buffer; an output whose mask entry is false is None.
+  // loss: 'bce' | 'squared_hinge'; reduction: 'batchmean' (sum / B) | 'mean' (sum / (B * L)) | 'sum'.
+  m.def(
+      "gsffi_fused_loss(Tensor x, Tensor weight, Tensor indices, Tensor? bias, int group_size, Tensor indptr, "
+      "Tensor labels, bool[3] output_mask, str loss=\"bce\", str reduction=\"batchmean\") "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Scores and label ids [..., k] of the k highest logits of the GSFFI layer, without a B x L buffer.
+  m.def("gsffi_topk(Tensor x, Tensor weight, Tensor indices, Tensor? bias, int group_size, int k) -> (Tensor, Tensor)");
   // In-place SGD (+momentum) step; bfloat16 rounds stochastically with bits hashed from key. See ops/xmc.h.
   m.def(
       "sgd_sr_(Tensor(a!) param, Tensor(b!)? momentum_buf, Tensor grad, float lr, float momentum, float dampening, "

@@ -101,6 +101,52 @@ typedef struct {
 int xmc_sgd_sr_cpu(int64_t n, xmc_dtype dt, void *param, void *momentum_buf, const void *grad, xmc_sgd_sr_args a,
                    xmc_exec ex);
 
+/* ---- Fused loss and fused top-k over a GSFFI layer (ops/cpu/gsffi_fused.c): no B x L buffer anywhere ----
+ *
+ * Both work one label group at a time: a logits tile [G, B] in scratch, never the whole [B, L] logits.
+ * A dense head is the case F = H with every group's indices 0 .. H-1.
+ *
+ * Targets are CSR positive-label lists: row b's positives are labels[indptr[b] .. indptr[b + 1]), label ids
+ * in [0, L); every other label of the row is a negative. indptr int64 [B + 1], labels int64 [nnz]. A label
+ * listed twice in one row counts once; a row may have no positives. Callers validate them first with
+ * xmc_check_csr_targets_cpu.
+ *
+ * Fused loss: total = scale * sum_{b, l} loss(y[b, l], target[b, l]) with y the layer's logits, and the
+ * gradients of total for x, weight, bias (each may be NULL: not computed). Losses (target t in {0, 1}):
+ *   XMC_LOSS_BCE            log(1 + exp(-y)) if t else log(1 + exp(y))     (binary cross-entropy with logits)
+ *   XMC_LOSS_SQUARED_HINGE  max(0, 1 - s y)^2 with s = 2 t - 1
+ * loss_out is one double in host memory (CPU). The loss is summed per group and the groups in label order, so
+ * it does not depend on the thread count; the gradients are deterministic for a given thread count.
+ *
+ * Top-k: scores [B, k] (dtype dt) and label_ids int64 [B, k] of the k highest logits per row, best first;
+ * equal scores rank the lower label id first; NaN ranks above every number, as in torch.topk. 1 <= k <= L.
+ */
+typedef enum { XMC_LOSS_BCE = 0, XMC_LOSS_SQUARED_HINGE = 1 } xmc_loss;
+
+typedef int (*xmc_gsffi_fused_loss_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
+                                       const int32_t *indices, const void *bias, const int64_t *indptr,
+                                       const int64_t *labels, xmc_loss loss, double scale, double *loss_out,
+                                       void *grad_x, void *grad_weight, void *grad_bias, xmc_exec ex);
+typedef int (*xmc_gsffi_topk_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
+                                 const int32_t *indices, const void *bias, int64_t k, void *scores,
+                                 int64_t *label_ids, xmc_exec ex);
+
+/* CPU: float32, bfloat16, float64. */
+int xmc_gsffi_fused_loss_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
+                             const int32_t *indices, const void *bias, const int64_t *indptr, const int64_t *labels,
+                             xmc_loss loss, double scale, double *loss_out, void *grad_x, void *grad_weight,
+                             void *grad_bias, xmc_exec ex);
+int xmc_gsffi_topk_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
+                       const void *bias, int64_t k, void *scores, int64_t *label_ids, xmc_exec ex);
+
+/* What xmc_check_csr_targets_cpu found; *where is the offending position in indptr or labels. */
+enum { XMC_CSR_OK = 0, XMC_CSR_FIRST_NOT_ZERO = 1, XMC_CSR_DECREASING = 2, XMC_CSR_LAST_NOT_NNZ = 3,
+       XMC_CSR_LABEL_OUT_OF_RANGE = 4 };
+/* Checks host CSR targets: indptr[0] = 0, indptr non-decreasing (first bad b: indptr[b + 1] < indptr[b]),
+ * indptr[rows] = nnz, every label in [0, n_labels). */
+int xmc_check_csr_targets_cpu(const int64_t *indptr, int64_t rows, const int64_t *labels, int64_t nnz,
+                              int64_t n_labels, int64_t *where);
+
 #ifdef __cplusplus
 }
 #endif

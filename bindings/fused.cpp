@@ -1,0 +1,132 @@
+#include "fused.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <limits>
+#include <vector>
+
+namespace torch_xmc {
+namespace {
+
+void check_bias(const char *op, const std::optional<at::Tensor> &bias, const at::Tensor &x, int64_t L) {
+  if (!bias.has_value()) return;
+  check_same_device_dtype(op, "bias", *bias, x);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == L, op, ": bias must have shape [", L, "], got ", bias->sizes());
+}
+
+xmc_loss parse_loss(const char *op, std::string_view loss) {
+  if (loss == "bce") return XMC_LOSS_BCE;
+  if (loss == "squared_hinge") return XMC_LOSS_SQUARED_HINGE;
+  TORCH_CHECK(false, op, ": loss must be 'bce' or 'squared_hinge', got '", loss, "'");
+}
+
+// The factor on the sum over all B * L terms; the names and meanings follow torch's losses.
+double reduction_scale(const char *op, std::string_view reduction, int64_t B, int64_t L) {
+  if (reduction == "sum") return 1.0;
+  if (reduction == "batchmean") return 1.0 / static_cast<double>(B);                          // as nn.KLDivLoss
+  if (reduction == "mean") return 1.0 / (static_cast<double>(B) * static_cast<double>(L));  // as nn.BCEWithLogitsLoss
+  TORCH_CHECK(false, op, ": reduction must be 'batchmean', 'mean' or 'sum', got '", reduction, "'");
+}
+
+// Host checks of the CSR targets; the kernels assume them.
+void check_targets(const char *op, const at::Tensor &indptr, const at::Tensor &labels, int64_t B, int64_t L) {
+  TORCH_CHECK(indptr.scalar_type() == at::kLong && indptr.dim() == 1 && indptr.size(0) == B + 1, op,
+              ": indptr must be int64 of shape [batch + 1] = [", B + 1, "], got ", indptr.scalar_type(), " ",
+              indptr.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1, op,
+              ": labels must be a 1-D int64 tensor [nnz], got ", labels.scalar_type(), " ", labels.sizes());
+  TORCH_CHECK(indptr.device().is_cpu() && labels.device().is_cpu(), op,
+              ": indptr and labels must be on the CPU, got ", indptr.device(), " and ", labels.device());
+  const int64_t *p = indptr.const_data_ptr<int64_t>(), *l = labels.const_data_ptr<int64_t>();
+  const int64_t nnz = labels.size(0);
+  int64_t at = 0;
+  switch (xmc_check_csr_targets_cpu(p, B, l, nnz, L, &at)) {
+    case XMC_CSR_FIRST_NOT_ZERO: TORCH_CHECK(false, op, ": indptr[0] must be 0, got ", p[0]);
+    case XMC_CSR_DECREASING:
+      TORCH_CHECK(false, op, ": indptr must be non-decreasing, got indptr[", at, "] = ", p[at], " > indptr[", at + 1,
+                  "] = ", p[at + 1]);
+    case XMC_CSR_LAST_NOT_NNZ:
+      TORCH_CHECK(false, op, ": indptr[-1] must equal the number of labels (labels.numel() = ", nnz, "), got ",
+                  p[B]);
+    case XMC_CSR_LABEL_OUT_OF_RANGE:
+      TORCH_CHECK(false, op, ": labels must lie in [0, out_features) = [0, ", L, "), got ", l[at], " at labels[", at,
+                  "]");
+    default: break;
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gsffi_fused_loss(
+    const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices, const std::optional<at::Tensor> &bias,
+    int64_t group_size, const at::Tensor &indptr, const at::Tensor &labels, std::array<bool, 3> output_mask,
+    std::string_view loss, std::string_view reduction, const FusedKernels &k) {
+  const char *op = "torch_xmc::gsffi_fused_loss";
+  xmc_gsffi_shape s = check_args(op, x, weight, indices, group_size, *k.layer);
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [batch, in_features], one row per target row, got shape ",
+              x.sizes());
+  check_bias(op, bias, x, s.out_features);
+  const xmc_loss kind = parse_loss(op, loss);
+  s.batch = x.size(0);
+  const double scale = reduction_scale(op, reduction, s.batch, s.out_features);
+  auto ptr = indptr.contiguous(), lab = labels.contiguous();
+  check_targets(op, ptr, lab, s.batch, s.out_features);
+  auto idx = indices.contiguous();
+  if (k.layer->check_index_range) check_index_range(op, idx, s.in_features);
+
+  at::Tensor gx, gw, gb;
+  if (output_mask[0]) gx = at::empty({s.batch, s.in_features}, x.options());
+  if (output_mask[1]) gw = at::empty({s.out_features, s.fan_in}, weight.options());
+  if (output_mask[2] && bias.has_value()) gb = at::empty({s.out_features}, x.options());
+  if (s.batch == 0) {
+    // no terms: the sum is 0 and the means are 0 / 0, as in torch
+    const double empty = reduction == "sum" ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+    if (gw.defined()) gw.zero_();
+    if (gb.defined()) gb.zero_();
+    return {at::full({}, empty, x.options()), gx, gw, gb};
+  }
+  auto out = at::empty({}, x.options().dtype(at::kDouble));
+  auto x2 = x.contiguous(), w = weight.contiguous();
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  check_rc(op,
+           k.loss(s, to_xmc(x.scalar_type()), x2.const_data_ptr(), w.const_data_ptr(), idx.const_data_ptr<int32_t>(),
+                  b.defined() ? b.const_data_ptr() : nullptr, ptr.const_data_ptr<int64_t>(),
+                  lab.const_data_ptr<int64_t>(), kind, scale, out.mutable_data_ptr<double>(),
+                  gx.defined() ? gx.mutable_data_ptr() : nullptr, gw.defined() ? gw.mutable_data_ptr() : nullptr,
+                  gb.defined() ? gb.mutable_data_ptr() : nullptr, k.layer->exec(x)),
+           *k.layer);
+  return {out.to(x.scalar_type()), gx, gw, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor> gsffi_topk(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,
+                                              const std::optional<at::Tensor> &bias, int64_t group_size, int64_t k,
+                                              const FusedKernels &kernels) {
+  const char *op = "torch_xmc::gsffi_topk";
+  xmc_gsffi_shape s = check_args(op, x, weight, indices, group_size, *kernels.layer);
+  check_bias(op, bias, x, s.out_features);
+  TORCH_CHECK(k >= 1 && k <= s.out_features, op, ": k must be in [1, out_features] = [1, ", s.out_features, "], got ",
+              k);
+  auto idx = indices.contiguous();
+  if (kernels.layer->check_index_range) check_index_range(op, idx, s.in_features);
+  auto x2 = x.reshape({-1, s.in_features}).contiguous();
+  s.batch = x2.size(0);
+  auto scores = at::empty({s.batch, k}, x.options());
+  auto ids = at::empty({s.batch, k}, x.options().dtype(at::kLong));
+  if (s.batch > 0) {
+    auto w = weight.contiguous();
+    at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    check_rc(op,
+             kernels.topk(s, to_xmc(x.scalar_type()), x2.const_data_ptr(), w.const_data_ptr(),
+                          idx.const_data_ptr<int32_t>(), b.defined() ? b.const_data_ptr() : nullptr, k,
+                          scores.mutable_data_ptr(), ids.mutable_data_ptr<int64_t>(), kernels.layer->exec(x)),
+             *kernels.layer);
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(k);
+  return {scores.view(shape), ids.view(shape)};
+}
+
+}  // namespace torch_xmc

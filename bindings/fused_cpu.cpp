@@ -1,0 +1,30 @@
+// CPU registration of the fused loss and top-k: the C kernels in ops/cpu/gsffi_fused.c.
+#include <torch/library.h>
+
+#include "fused.h"
+
+namespace torch_xmc {
+namespace {
+
+const FusedKernels kCpu{&kGsffiCpu, xmc_gsffi_fused_loss_cpu, xmc_gsffi_topk_cpu};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_loss(
+    const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices, const std::optional<at::Tensor> &bias,
+    int64_t group_size, const at::Tensor &indptr, const at::Tensor &labels, std::array<bool, 3> output_mask,
+    std::string_view loss, std::string_view reduction) {
+  return gsffi_fused_loss(x, weight, indices, bias, group_size, indptr, labels, output_mask, loss, reduction, kCpu);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,
+                                        const std::optional<at::Tensor> &bias, int64_t group_size, int64_t k) {
+  return gsffi_topk(x, weight, indices, bias, group_size, k, kCpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_xmc, CPU, m) {
+  m.impl("gsffi_fused_loss", &fused_loss);
+  m.impl("gsffi_topk", &topk);
+}
+
+}  // namespace torch_xmc
