@@ -1,0 +1,105 @@
+"""Dense head + sparse tail (DESIGN.md section 2, part 2): the most frequent labels get a small dense Linear,
+the long tail a GSFFI layer, and the two halves form one output in the user's label order.
+
+Frequent labels have the training signal to use many features, and there are few of them, so a dense head
+for them is cheap; tail labels have little data, and a sparse layer suits them. This replaces the auxiliary
+losses or wide intermediate layers that earlier sparse heads needed to stay accurate.
+"""
+import torch
+from torch import nn
+
+from . import grouping
+from .modules import GroupSharedFanIn
+
+
+def head_size(num_labels: int, head_fraction: float, group_size: int) -> int:
+    """Labels of the dense head: head_fraction of num_labels rounded to a multiple of group_size (so the tail's
+    groups start on a group boundary of the frequency order), at most num_labels - 1 (the tail keeps a label)."""
+    if not 0.0 <= head_fraction < 1.0:
+        raise ValueError(f"head_fraction must be in [0, 1), got {head_fraction}")
+    n = round(head_fraction * num_labels / group_size) * group_size
+    return max(0, min(n, num_labels - 1))
+
+
+class HeadTailFanIn(nn.Module):
+    """nn.Linear(in_features, out_features) call convention: input [..., in_features] -> [..., out_features] in the
+    user's label order, computed as a dense ``head`` (nn.Linear over the labels label_order[:head_labels]) and a
+    GSFFI ``tail`` (over label_order[head_labels:], in that order, so its groups are consecutive runs of it).
+
+    ``head_features`` / ``tail_features``: (start, stop) slices of the input each half reads (default: all), so
+    the two halves can have private features. Buffers: ``label_order`` int64 [L] (internal position -> user
+    label) and its inverse ``position``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fan_in: int, group_size: int, head_labels: int,
+                 label_order: torch.Tensor | None = None, head_features: tuple[int, int] | None = None,
+                 tail_features: tuple[int, int] | None = None, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if not 0 <= head_labels < out_features:
+            raise ValueError(f"head_labels must be in [0, out_features) = [0, {out_features}), got {head_labels}")
+        self.in_features, self.out_features, self.head_labels = in_features, out_features, head_labels
+        self.head_features = _slice("head_features", head_features, in_features)
+        self.tail_features = _slice("tail_features", tail_features, in_features)
+        factory = {"device": device, "dtype": dtype}
+        hin = self.head_features[1] - self.head_features[0]
+        tin = self.tail_features[1] - self.tail_features[0]
+        self.head = nn.Linear(hin, head_labels, bias=bias, **factory) if head_labels else None
+        self.tail = GroupSharedFanIn(tin, out_features - head_labels, fan_in, group_size, bias=bias, **factory)
+        self.register_buffer("label_order", torch.arange(out_features, device=device))
+        self.register_buffer("position", torch.arange(out_features, device=device))
+        if label_order is not None:
+            self.set_label_order(label_order)
+
+    @classmethod
+    def from_counts(cls, label_counts: torch.Tensor, in_features: int, fan_in: int, group_size: int,
+                    head_fraction: float = 0.05, tail_embeddings: torch.Tensor | None = None,
+                    index_embeddings: torch.Tensor | None = None, seed: int = 0, **kwargs) -> "HeadTailFanIn":
+        """Head = the most frequent ``head_size(L, head_fraction, G)`` labels (by training counts [L]). Tail order:
+        frequency, or semantic clusters of ``tail_embeddings`` [L, D] (e.g. ``grouping.pifa(train)``) when given.
+        ``index_embeddings`` [L, tail input width] (user order, e.g. PIFA of encoder outputs) initialise each tail
+        group's features from its embedding mass instead of at random."""
+        L = label_counts.numel()
+        n_head = head_size(L, head_fraction, group_size)
+        order = grouping.frequency_order(label_counts)
+        if tail_embeddings is not None:
+            tail = order[n_head:]
+            order = torch.cat([order[:n_head], tail[grouping.balanced_order(tail_embeddings[tail], group_size,
+                                                                              seed=seed)]])
+        layer = cls(in_features, L, fan_in, group_size, n_head, label_order=order, **kwargs)
+        if index_embeddings is not None:
+            idx = grouping.indices_from_embeddings(index_embeddings[order[n_head:]], group_size, fan_in)
+            with torch.no_grad():
+                layer.tail.indices.copy_(idx)
+        return layer
+
+    @torch.no_grad()
+    def set_label_order(self, label_order: torch.Tensor) -> None:
+        """Use label_order (a permutation of [0, L)) as the internal order."""
+        label_order = torch.as_tensor(label_order, dtype=torch.int64)
+        if label_order.shape != (self.out_features,) or not torch.equal(
+                label_order.sort().values.cpu(), torch.arange(self.out_features)):
+            raise ValueError(f"label_order must be a permutation of [0, {self.out_features}), "
+                             f"got shape {list(label_order.shape)}")
+        self.label_order.copy_(label_order)
+        self.position.copy_(torch.argsort(label_order))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        h0, h1 = self.head_features
+        t0, t1 = self.tail_features
+        y = self.tail(input[..., t0:t1])
+        if self.head is not None:
+            y = torch.cat([self.head(input[..., h0:h1]), y], dim=-1)
+        return y.index_select(-1, self.position)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, head_labels={self.head_labels}, "
+                f"head_features={self.head_features}, tail_features={self.tail_features}")
+
+
+def _slice(name, value, in_features):
+    if value is None:
+        return (0, in_features)
+    start, stop = value
+    if not 0 <= start < stop <= in_features:
+        raise ValueError(f"{name} must be (start, stop) with 0 <= start < stop <= {in_features}, got {value}")
+    return (int(start), int(stop))
