@@ -32,6 +32,11 @@ void xmc_sgemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, int
 void xmc_dgemm(int64_t M, int64_t N, int64_t K, const double *A, int64_t lda, int64_t ak, const double *B,
                int64_t ldb, double *C, int64_t ldc, int accumulate);
 
+/* dst[0 .. n) = src[0 .. n) with streaming (cache-bypassing) stores where possible; xmc_store_fence() orders
+ * them before anything another thread does next. */
+void xmc_store_f32_streaming(float *dst, const float *src, int64_t n);
+void xmc_store_fence(void);
+
 static inline int64_t xmc_min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 #endif

@@ -87,3 +87,18 @@ void xmc_dgemm(int64_t M, int64_t N, int64_t K, const double *A, int64_t lda, in
                int64_t ldb, double *C, int64_t ldc, int accumulate) {
   plain_dgemm(M, N, K, A, lda, ak, B, ldb, C, ldc, accumulate);
 }
+
+/* Large outputs (the [B, L] logits) are written once and not read back soon: streaming stores skip reading
+ * each destination line into the cache first. Falls back to plain stores when unaligned or without AVX. */
+__attribute__((target("avx"))) static void stream_f32_avx(float *dst, const float *src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+}
+
+void xmc_store_f32_streaming(float *dst, const float *src, int64_t n) {
+  if (n % 8 == 0 && (uintptr_t)dst % 32 == 0 && __builtin_cpu_supports("avx"))
+    stream_f32_avx(dst, src, n);
+  else
+    memcpy(dst, src, sizeof(float) * n);
+}
+
+void xmc_store_fence(void) { _mm_sfence(); }
