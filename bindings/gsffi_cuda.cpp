@@ -15,8 +15,15 @@ xmc_exec cuda_exec(const at::Tensor &like) {
 }
 
 // Index range is not scanned on CUDA: it would need a device-to-host copy and a sync on every call.
-const GsffiKernels kCuda{"CUDA",    xmc_gsffi_forward_cuda, xmc_gsffi_grad_input_cuda, xmc_gsffi_grad_weight_cuda,
-                         cuda_exec, xmc_cuda_error_string,  /*check_index_range=*/false, /*half=*/true};
+const GsffiKernels kCuda{"CUDA",
+                         xmc_gsffi_forward_cuda,
+                         xmc_gsffi_grad_input_cuda,
+                         xmc_gsffi_grad_weight_cuda,
+                         /*backward=*/nullptr,
+                         cuda_exec,
+                         xmc_cuda_error_string,
+                         /*check_index_range=*/false,
+                         /*half=*/true};
 
 at::Tensor forward(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,
                    const std::optional<at::Tensor> &bias, int64_t group_size) {

@@ -12,13 +12,14 @@
 namespace xmc_cuda {
 namespace {
 
-template <class T>
-__global__ void transpose_pad(const T *__restrict__ x, T *__restrict__ xt, int64_t B, int64_t Bp, int64_t H) {
-  __shared__ T tile[32][33];
+// 16-bit elements moved as raw bits.
+__global__ void transpose_pad(const uint16_t *__restrict__ x, uint16_t *__restrict__ xt, int64_t B, int64_t Bp,
+                              int64_t H) {
+  __shared__ uint16_t tile[32][33];
   const int64_t h0 = blockIdx.x * 32LL, b0 = blockIdx.y * 32LL;
   for (int i = threadIdx.y; i < 32; i += blockDim.y) {
     const int64_t b = b0 + i, h = h0 + threadIdx.x;
-    tile[i][threadIdx.x] = (b < B && h < H) ? x[b * H + h] : T(0.f);
+    tile[i][threadIdx.x] = (b < B && h < H) ? x[b * H + h] : uint16_t(0);
   }
   __syncthreads();
   for (int i = threadIdx.y; i < 32; i += blockDim.y) {
@@ -131,8 +132,8 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int3
     cudaGetLastError();
     return XMC_ERR_NOMEM;
   }
-  transpose_pad<T><<<dim3((unsigned)((s.in_features + 31) / 32), (unsigned)(Bp / 32)), dim3(32, 8), 0, st>>>(
-      (const T *)x, xt, s.batch, Bp, s.in_features);
+  transpose_pad<<<dim3((unsigned)((s.in_features + 31) / 32), (unsigned)(Bp / 32)), dim3(32, 8), 0, st>>>(
+      (const uint16_t *)x, (uint16_t *)xt, s.batch, Bp, s.in_features);
   int rc = last_error();
   if (rc == 0) {
     auto kernel = dw_mma<T, LW, NTW>;
