@@ -95,3 +95,21 @@ def test_training_learns(split):
     r = t.fit(train, test)
     assert r.history[-1]["P@1"] > r.history[0]["P@1"] + 10
     assert r.history[-1]["loss"] < r.history[0]["loss"]
+
+
+def test_cli_train_resume_evaluate_compare(tmp_path, capsys):
+    from torch_xmc.cli import main
+
+    tiny = ["--synthetic-labels", "300", "--synthetic-features", "500", "--synthetic-train", "400",
+            "--synthetic-test", "100", "--hidden", "32", "--batch-size", "64", "--quiet"]
+    ck = str(tmp_path / "m.pt")
+    main(["train", *tiny, "--epochs", "1", "--checkpoint", ck])
+    assert "P@1" in capsys.readouterr().out
+    main(["train", "--resume", "--checkpoint", ck, "--quiet"])  # already complete: reloads, trains nothing
+    assert "resuming" in capsys.readouterr().out
+    main(["evaluate", "--checkpoint", ck, "--quiet", "--json", str(tmp_path / "m.json")])
+    assert "P@5" in capsys.readouterr().out and (tmp_path / "m.json").exists()
+    main(["compare", *tiny, "--epochs", "1", "--plot", str(tmp_path / "c.png"), "--json", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert "dense" in out and "gsffi F=4 G=32" in out and "head params" in out
+    assert (tmp_path / "c.json").exists()

@@ -334,7 +334,8 @@ def head_training_bytes(head: nn.Module) -> int:
 def measure_run(model_cfg: ModelConfig, train_cfg: TrainConfig, train: XMCData, test: XMCData,
                 inv_prop: torch.Tensor | None = None) -> dict:
     """Train, evaluate on test, and measure: {"metrics", "history", "head_params", "head_bytes",
-    "peak_bytes" (process peak RSS above the level before the run), "train_seconds", "seconds_per_epoch",
+    "peak_bytes" (process peak RSS above the level before the run), "steps", "train_seconds",
+    "seconds_per_step", "seconds_per_epoch",
     "eval_seconds", "model_config", "train_config"}."""
     base = reset_peak_rss()
     trainer = Trainer(model_cfg, train_cfg)
@@ -350,7 +351,9 @@ def measure_run(model_cfg: ModelConfig, train_cfg: TrainConfig, train: XMCData, 
         "head_params": sum(p.numel() for p in head.parameters()),
         "head_bytes": head_training_bytes(head),
         "peak_bytes": peak,
+        "steps": result.step,
         "train_seconds": result.train_seconds,
+        "seconds_per_step": result.train_seconds / max(result.step, 1),
         "seconds_per_epoch": result.train_seconds / max(result.epochs_done, 1e-9),
         "eval_seconds": eval_seconds,
         "model_config": asdict(model_cfg),
