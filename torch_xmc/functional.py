@@ -69,3 +69,89 @@ def group_shared_fan_in(
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     return ops.gsffi_forward(input, weight, indices, bias, group_size)
+
+
+# ---- fused loss and top-k (issue 4): train and predict without materialising the [B, L] logits ----
+
+def _autocast(input, weight, bias):
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return input.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+
+
+def gsffi_loss(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    indptr: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str = "bce",
+    reduction: str = "batchmean",
+    check: bool = True,
+) -> torch.Tensor:
+    """Loss of the GSFFI layer's logits y = group_shared_fan_in(input, ...) against positive-label targets,
+    computed with its gradients in one pass over the label groups: no [B, L] tensor is ever allocated.
+
+    input [B, H]; weight, indices, bias, group_size as in group_shared_fan_in. Targets in CSR form on the CPU:
+    row b's positive label ids are labels[indptr[b]:indptr[b + 1]] (indptr int64 [B + 1], labels int64 [nnz],
+    ids in [0, L)); every other label is a negative; a row may have none; a repeated id counts once.
+    loss: "bce" (binary cross-entropy with logits) or "squared_hinge" (max(0, 1 - s y)^2, s = +-1).
+    reduction of the B * L terms: "batchmean" (sum / B: per-row sum over labels, averaged over rows; the usual
+    XMC loss), "mean" (sum / (B * L), as nn.BCEWithLogitsLoss), "sum".
+    Returns the 0-dim loss in input's dtype; loss.backward() fills the gradients of input, weight and bias.
+    """
+    if check and not torch.compiler.is_compiling() and _well_formed(input, weight, indices, group_size):
+        _check_index_values(indices, input.shape[-1])
+    input, weight, bias = _autocast(input, weight, bias)
+    grad = torch.is_grad_enabled()
+    mask = [grad and input.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad]
+    return ops.gsffi_fused_loss(input, weight, indices, bias, group_size, indptr, labels, mask, loss, reduction)[0]
+
+
+def gsffi_topk(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    k: int,
+    *,
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, label ids) [..., k] of the k highest logits of the GSFFI layer per row, best first, without a
+    [B, L] tensor. Equal scores rank the lower label id first; 1 <= k <= L. Not differentiable."""
+    if check and not torch.compiler.is_compiling() and _well_formed(input, weight, indices, group_size):
+        _check_index_values(indices, input.shape[-1])
+    input, weight, bias = _autocast(input, weight, bias)
+    return ops.gsffi_topk(input, weight, indices, bias, group_size, k)
+
+
+DENSE_GROUP_SIZE = 64  # labels per group when a dense head runs through the GSFFI kernels
+
+
+def dense_indices(in_features: int, out_features: int, group_size: int = DENSE_GROUP_SIZE,
+                  device=None) -> torch.Tensor:
+    """int32 [ceil(out_features / group_size), in_features], every row 0 .. in_features - 1: the indices that make
+    a dense head (nn.Linear's weight [L, H]) a GSFFI layer with fan_in = H, so the fused ops serve it too."""
+    n = num_groups(out_features, group_size)
+    return torch.arange(in_features, dtype=torch.int32, device=device).expand(n, in_features).contiguous()
+
+
+def linear_loss(input, weight, bias, indptr, labels, *, loss="bce", reduction="batchmean",
+                group_size: int = DENSE_GROUP_SIZE) -> torch.Tensor:
+    """gsffi_loss for a dense head y = input @ weight.T + bias (weight [L, H], as nn.Linear)."""
+    idx = dense_indices(weight.shape[1], weight.shape[0], group_size, input.device)
+    return gsffi_loss(input, weight, idx, bias, group_size, indptr, labels, loss=loss, reduction=reduction,
+                      check=False)
+
+
+def linear_topk(input, weight, bias, k: int, *, group_size: int = DENSE_GROUP_SIZE):
+    """gsffi_topk for a dense head y = input @ weight.T + bias (weight [L, H], as nn.Linear)."""
+    idx = dense_indices(weight.shape[1], weight.shape[0], group_size, input.device)
+    return gsffi_topk(input, weight, idx, bias, group_size, k, check=False)

@@ -99,3 +99,15 @@ class GroupSharedFanIn(nn.Module):
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
         return layer
+
+    def loss(self, input: torch.Tensor, indptr: torch.Tensor, labels: torch.Tensor, loss: str = "bce",
+             reduction: str = "batchmean") -> torch.Tensor:
+        """The loss of this layer's logits for input [B, in_features] against CSR positive labels, fused with its
+        gradients, without [B, out_features] logits: see torch_xmc.functional.gsffi_loss."""
+        return XF.gsffi_loss(input, self.weight, self.indices, self.bias, self.group_size, indptr, labels, loss=loss,
+                             reduction=reduction, check=False)
+
+    def topk(self, input: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, label ids) [..., k] of this layer's k highest logits, without [..., out_features] logits: see
+        torch_xmc.functional.gsffi_topk."""
+        return XF.gsffi_topk(input, self.weight, self.indices, self.bias, self.group_size, k, check=False)

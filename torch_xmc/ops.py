@@ -54,3 +54,45 @@ sgd_sr_ = torch.ops.torch_xmc.sgd_sr_
 def _sgd_sr_fake(param, momentum_buf, grad, lr, momentum, dampening, weight_decay, nesterov, first_step, key):
     torch._check(grad.shape == param.shape, lambda: f"grad must have shape {tuple(param.shape)}, got {tuple(grad.shape)}")
     return None
+
+
+# ---- fused loss and top-k over a GSFFI layer (issue 4): no B x L logits anywhere ----
+
+gsffi_fused_loss = torch.ops.torch_xmc.gsffi_fused_loss
+gsffi_topk = torch.ops.torch_xmc.gsffi_topk
+
+
+@torch.library.register_fake("torch_xmc::gsffi_fused_loss")
+def _gsffi_fused_loss_fake(x, weight, indices, bias, group_size, indptr, labels, output_mask, loss="bce",
+                           reduction="batchmean"):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [batch, in_features], got shape {tuple(x.shape)}")
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [out_features, fan_in], got {tuple(weight.shape)}")
+    torch._check(weight.dtype == x.dtype, lambda: f"weight must have dtype {x.dtype} like x, got {weight.dtype}")
+    return (
+        x.new_empty(()),
+        x.new_empty(x.shape) if output_mask[0] else None,
+        weight.new_empty(weight.shape) if output_mask[1] else None,
+        weight.new_empty(weight.shape[0]) if output_mask[2] and bias is not None else None,
+    )
+
+
+@torch.library.register_fake("torch_xmc::gsffi_topk")
+def _gsffi_topk_fake(x, weight, indices, bias, group_size, k):
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [out_features, fan_in], got {tuple(weight.shape)}")
+    torch._check(1 <= k <= weight.shape[0], lambda: f"k must be in [1, out_features] = [1, {weight.shape[0]}], got {k}")
+    shape = (*x.shape[:-1], k)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+def _fused_loss_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+
+
+def _fused_loss_backward(ctx, grad_loss, *_):
+    # the op already returned d loss / d (x, weight, bias); the chain rule only scales them
+    gx, gw, gb = (g * grad_loss if g is not None else None for g in ctx.saved_tensors)
+    return gx, gw, None, gb, None, None, None, None, None, None
+
+
+torch.library.register_autograd("torch_xmc::gsffi_fused_loss", _fused_loss_backward,
+                                setup_context=_fused_loss_setup_context)
