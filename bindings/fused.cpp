@@ -4,6 +4,7 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <limits>
 #include <vector>
@@ -130,3 +131,6 @@ std::tuple<at::Tensor, at::Tensor> gsffi_topk(const at::Tensor &x, const at::Ten
 }
 
 }  // namespace torch_xmc
+
+// Top-k is not differentiable: autograd passes it through, so its outputs never require grad.
+TORCH_LIBRARY_IMPL(torch_xmc, Autograd, m) { m.impl("gsffi_topk", torch::CppFunction::makeFallthrough()); }
