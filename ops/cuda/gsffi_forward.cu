@@ -6,19 +6,21 @@
 // those labels' weights ONCE into registers as mma B fragments (16-byte loads, see gsffi_common.cuh), and
 // sweeps the whole batch tile with them. Blocks of the same label range but different batch tiles run side by
 // side (block id = chunk * n_tiles + tile), so weights come from DRAM once and from L2 for the other tiles.
-// The output, the largest stream, is written with evict-first stores.
+// The output, the largest stream, leaves in whole sectors with evict-first stores.
 #include "gsffi_common.cuh"
 
 namespace xmc_cuda {
 namespace {
 
 constexpr int kFwdThreads = 512;
+constexpr int kStageRow = 32 * 2 + 16;  // bytes per row of a warp's 8 x NW output staging tile (NW <= 32)
+constexpr int kStageBytes = kFwdThreads / 32 * 8 * kStageRow;
 
 template <class T, int NW, int KC>
 __global__ void __launch_bounds__(kFwdThreads, 1)
     fwd_mma(const T *__restrict__ x, const T *__restrict__ w, const int32_t *__restrict__ idx,
             const T *__restrict__ bias, T *__restrict__ y, int64_t B, int H, int64_t L, int F, int G, int BT, int nbt,
-            int nj, int64_t n_items, bool x_vec, bool pair_store) {
+            int nj, int64_t n_items, bool x_vec, bool y_vec) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int stride = BT * 2 + 16;  // bytes per row; the 16-byte skew puts consecutive rows on other banks
   const int bt = blockIdx.x % nbt;
@@ -46,6 +48,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
   const int kperm = 8 * ((kappa & 7) >> 1) + 2 * (kappa >> 3) + (kappa & 1);
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(smem) + ((lane >> 3) & 1) * 16;
   const int mtiles = (rows + 15) >> 4;
+  unsigned char *stage = smem + (size_t)(H + 1) * stride + warp * 8 * kStageRow;
 
   for (int64_t item = (int64_t)(blockIdx.x / nbt) * nwarps + warp; item < n_items; item += wstride) {
     const int64_t g = item / nj;
@@ -94,22 +97,32 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
           for (int nt = 0; nt < NW / 8; ++nt)
             mma16816(T(), acc[nt], a, s ? wf[nt][kc].z : wf[nt][kc].x, s ? wf[nt][kc].w : wf[nt][kc].y);
         }
+      // Through a per-warp staging tile, so that each row's NW labels leave in one instruction as whole
+      // 32-byte sectors (2-label stores left half-written sectors that L2 wrote back partially).
 #pragma unroll
-      for (int nt = 0; nt < NW / 8; ++nt) {
-        const int64_t l = l0 + nt * 8 + 2 * q;
+      for (int hh = 0; hh < 2; ++hh) {
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int row = mt * 16 + r4 + 8 * hh;
-          if (row >= rows) continue;
-          T *dst = y + (b0 + row) * L + l;
-          const float v0 = acc[nt][2 * hh] + bia[nt][0], v1 = acc[nt][2 * hh + 1] + bia[nt][1];
-          if (pair_store && l + 1 < lend) {
-            __stcs(reinterpret_cast<unsigned int *>(dst), pack2(T(), v0, v1));
-          } else {
-            if (l < lend) put(dst, v0);
-            if (l + 1 < lend) put(dst + 1, v1);
+        for (int nt = 0; nt < NW / 8; ++nt)
+          *reinterpret_cast<uint32_t *>(stage + r4 * kStageRow + (nt * 8 + 2 * q) * 2) =
+              pack2(T(), acc[nt][2 * hh] + bia[nt][0], acc[nt][2 * hh + 1] + bia[nt][1]);
+        __syncwarp();
+        if (lane < NW) {
+          const int r8 = lane / (NW / 8), c = lane % (NW / 8);
+          const int row = mt * 16 + 8 * hh + r8;
+          const int64_t l = l0 + c * 8;
+          if (row < rows && l < lend) {
+            const uint4 v = *reinterpret_cast<const uint4 *>(stage + r8 * kStageRow + c * 16);
+            T *dst = y + (b0 + row) * L + l;
+            if (y_vec && l + 8 <= lend) {
+              __stcs(reinterpret_cast<uint4 *>(dst), v);
+            } else {
+#pragma unroll
+              for (int e = 0; e < 8; ++e)
+                if (l + e < lend) reinterpret_cast<uint16_t *>(dst)[e] = (uint16_t)(word(v, e >> 1) >> (16 * (e & 1)));
+            }
           }
         }
+        __syncwarp();
       }
     }
   }
@@ -148,7 +161,7 @@ int launch_generic(xmc_gsffi_shape s, const void *x, const void *w, const int32_
 template <class T, int NW, int KC>
 int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
                cudaStream_t st, int BT) {
-  const size_t smem = (size_t)(s.in_features + 1) * (BT * 2 + 16);
+  const size_t smem = (size_t)(s.in_features + 1) * (BT * 2 + 16) + kStageBytes;
   auto kernel = fwd_mma<T, NW, KC>;
   const int per_sm = prepare(kernel, kFwdThreads, smem);
   XMC_CHECK_LAUNCH();
@@ -160,10 +173,10 @@ int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *i
   int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / nbt);
   chunks = xmin<int64_t>(chunks, (n_items + warps - 1) / warps);
   const bool x_vec = s.in_features % 8 == 0 && (uintptr_t)x % 16 == 0;
-  const bool pair = s.out_features % 2 == 0 && s.group_size % 2 == 0 && (uintptr_t)y % 4 == 0;
+  const bool y_vec = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)y % 16 == 0;
   kernel<<<(unsigned)(chunks * nbt), kFwdThreads, smem, st>>>(
       (const T *)x, (const T *)w, idx, (const T *)bias, (T *)y, s.batch, (int)s.in_features, s.out_features,
-      (int)s.fan_in, (int)s.group_size, BT, nbt, nj, n_items, x_vec, pair);
+      (int)s.fan_in, (int)s.group_size, BT, nbt, nj, n_items, x_vec, y_vec);
   XMC_CHECK_LAUNCH();
   return 0;
 }
@@ -194,7 +207,7 @@ int forward_batch_tile(xmc_gsffi_shape s) {
   int bt = 16;
   while (bt < 128 && bt < s.batch) bt *= 2;
   for (; bt >= 16; bt /= 2)
-    if ((s.in_features + 1) * (int64_t)(bt * 2 + 16) <= limit) return bt;
+    if ((s.in_features + 1) * (int64_t)(bt * 2 + 16) + kStageBytes <= limit) return bt;
   return 0;
 }
 

@@ -9,9 +9,12 @@
 // Python layer checks this). The chunk count depends only on the shape and the GPU's SM count, so results are
 // bitwise identical from run to run on one device.
 //
-// Tensor-core path (bf16/fp16): each warp owns 16 batch rows and computes P_g (16 x F) with mma.sync, the
-// grad_y fragments loaded straight from global memory (16-byte loads, see gsffi_common.cuh) and the weight
-// fragments built from 16-byte weight-row loads by byte permutes (a k pair of B spans two weight rows).
+// Tensor-core path (bf16/fp16): each warp owns 8 batch rows (the other half of the m16 tile is zero: the
+// tensor cores have time to spare, shared memory for accumulators does not, and twice the warps hide twice
+// the latency) and computes P_g (8 x F) with mma.sync, the grad_y fragments loaded straight from global
+// memory (16-byte loads, see gsffi_common.cuh) and the weight fragments built from 16-byte weight-row loads
+// by byte permutes (a k pair of B spans two weight rows). The next group's loads are issued before this
+// group's arithmetic and scatter, so one group's latency hides behind the previous group's work.
 #include "gsffi_common.cuh"
 
 namespace xmc_cuda {
@@ -28,8 +31,9 @@ __global__ void reduce_chunks(const A *__restrict__ part, int64_t chunks, int64_
 }
 
 constexpr int kDxMaxWarps = 8;
+constexpr int kDxRows = 8;  // batch rows per warp: half an m16 tile, so twice the warps fit the shared memory
 
-// Accumulator row stride in floats: >= H and = 4 (mod 32), so the 8 rows one instruction touches fall on
+// Accumulator row stride in floats: >= H and = 4 (mod 32), so the 8 rows one instruction touches start in
 // 8 different bank quads.
 inline int64_t acc_stride(int64_t H) { return H + ((4 - H % 32) + 32) % 32; }
 
@@ -40,70 +44,93 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
            bool dy_vec) {
   extern __shared__ __align__(16) float accs[];
   const int nwarps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
-  const int BTB = nwarps * 16;
+  const int BTB = nwarps * kDxRows;
   for (int e = threadIdx.x; e < BTB * hs; e += blockDim.x) accs[e] = 0.f;
   __syncthreads();
 
   const int bt = blockIdx.x % nbt, c = blockIdx.x / nbt, chunks = gridDim.x / nbt;
-  const int64_t brow = (int64_t)bt * BTB;  // block's first row
-  const int64_t b0 = brow + warp * 16;     // warp's first row
-  float *acc_w = accs + (size_t)warp * 16 * hs;
+  const int64_t brow = (int64_t)bt * BTB;       // block's first row
+  const int64_t b0 = brow + warp * kDxRows;     // warp's first row
+  float *acc_w = accs + (size_t)warp * kDxRows * hs + r4 * hs;
   const int64_t g_begin = n_groups * c / chunks, g_end = n_groups * (c + 1) / chunks;
 
   if (b0 < B) {
-    const int64_t rlo = b0 + r4, rhi = b0 + r4 + 8;
-    uint4 a_lo[KCG], a_hi[KCG];
-    auto load_dy = [&](int64_t g) {
+    const int64_t row = b0 + r4;
+    const bool row_ok = row < B;
+    // Weight rows 32 kc + 8q .. + 7 of group g, fan-in slots 64 fc + 8 r4 .. + 7.
+    auto load_w = [&](uint4 wv[8], int64_t g, int fc, int kc) {
+      const int64_t lg = g * G, lend = xmin<int64_t>(lg + G, L);
+      const int t0 = fc * 64 + 8 * r4;
+#pragma unroll
+      for (int v = 0; v < 8; ++v) {
+        const int64_t l = lg + kc * 32 + 8 * q + v;
+        wv[v] = (l < lend && t0 < F) ? ldg16(w + l * F + t0) : make_uint4(0, 0, 0, 0);
+      }
+    };
+    // acc[u] += grad_y rows (8, padded to the m16 tile with zeros) x weight chunk; column n of tile u is slot 8n + u.
+    auto mma_chunk = [&](float acc[8][4], const uint4 wv[8], const uint4 &d) {
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const uint32_t a[4] = {word(d, 2 * s), 0u, word(d, 2 * s + 1), 0u};
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const uint32_t b0f = halves(word(wv[4 * s], u >> 1), word(wv[4 * s + 1], u >> 1), u & 1);
+          const uint32_t b1f = halves(word(wv[4 * s + 2], u >> 1), word(wv[4 * s + 3], u >> 1), u & 1);
+          mma16816(T(), acc[u], a, b0f, b1f);
+        }
+      }
+    };
+    // The next group's grad_y, first weight chunk and first 64 feature ids load while this group computes.
+    uint4 pdy[KCG], pw[8];
+    int pidx[16];
+    auto fetch = [&](int64_t g) {
       const int64_t lg = g * G, lend = xmin<int64_t>(lg + G, L);
 #pragma unroll
       for (int kc = 0; kc < KCG; ++kc) {
         const int64_t l = lg + kc * 32 + 8 * q;
-        a_lo[kc] = rlo < B ? load_elems<8>(dy + rlo * L + l, lend - l, dy_vec) : make_uint4(0, 0, 0, 0);
-        a_hi[kc] = rhi < B ? load_elems<8>(dy + rhi * L + l, lend - l, dy_vec) : make_uint4(0, 0, 0, 0);
+        pdy[kc] = row_ok ? load_elems<8>(dy + row * L + l, lend - l, dy_vec) : make_uint4(0, 0, 0, 0);
+      }
+      load_w(pw, g, 0, 0);
+#pragma unroll
+      for (int k = 0; k < 16; ++k) {
+        const int t = 16 * q + 8 * (k & 1) + (k >> 1);
+        pidx[k] = t < F ? __ldg(idx + g * F + t) : 0;
       }
     };
-    if (g_begin < g_end) load_dy(g_begin);
+    if (g_begin < g_end) fetch(g_begin);
     for (int64_t g = g_begin; g < g_end; ++g) {
-      uint4 c_lo[KCG], c_hi[KCG];
+      uint4 cdy[KCG], cw[8];
+      int cidx[16];
 #pragma unroll
-      for (int kc = 0; kc < KCG; ++kc) c_lo[kc] = a_lo[kc], c_hi[kc] = a_hi[kc];
-      if (g + 1 < g_end) load_dy(g + 1);  // next group's grad_y in flight while this one computes
-      const int64_t lg = g * G, lend = xmin<int64_t>(lg + G, L);
+      for (int kc = 0; kc < KCG; ++kc) cdy[kc] = pdy[kc];
+#pragma unroll
+      for (int v = 0; v < 8; ++v) cw[v] = pw[v];
+#pragma unroll
+      for (int k = 0; k < 16; ++k) cidx[k] = pidx[k];
+      if (g + 1 < g_end) fetch(g + 1);
       for (int fc = 0; fc * 64 < F; ++fc) {
         float acc[8][4];
 #pragma unroll
         for (int u = 0; u < 8; ++u) acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.f;
-        const int t0 = fc * 64 + 8 * r4;
 #pragma unroll
         for (int kc = 0; kc < KCG; ++kc) {
-          uint4 wv[8];
-#pragma unroll
-          for (int v = 0; v < 8; ++v) {
-            const int64_t l = lg + kc * 32 + 8 * q + v;
-            wv[v] = (l < lend && t0 < F) ? ldg16(w + l * F + t0) : make_uint4(0, 0, 0, 0);
-          }
-#pragma unroll
-          for (int s = 0; s < 2; ++s) {
-            const uint32_t a[4] = {word(c_lo[kc], 2 * s), word(c_hi[kc], 2 * s), word(c_lo[kc], 2 * s + 1),
-                                   word(c_hi[kc], 2 * s + 1)};
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-              const uint32_t b0f = halves(word(wv[4 * s], u >> 1), word(wv[4 * s + 1], u >> 1), u & 1);
-              const uint32_t b1f = halves(word(wv[4 * s + 2], u >> 1), word(wv[4 * s + 3], u >> 1), u & 1);
-              mma16816(T(), acc[u], a, b0f, b1f);
-            }
+          if (fc == 0 && kc == 0) {
+            mma_chunk(acc, cw, cdy[0]);
+          } else {
+            uint4 wv[8];
+            load_w(wv, g, fc, kc);
+            mma_chunk(acc, wv, cdy[kc]);
           }
         }
-        // Column n of tile u is fan-in slot 64 fc + 8 n + u; this lane holds n = 2q, 2q + 1.
+        // This lane holds columns n = 2q, 2q + 1 of tile u: slots 64 fc + 16 q + 8 j + u.
 #pragma unroll
         for (int u = 0; u < 8; ++u)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int t = fc * 64 + 16 * q + 8 * j + u;
             if (t < F) {
-              const int h = __ldg(idx + g * F + t);
-              acc_w[r4 * hs + h] += acc[u][j];
-              acc_w[(r4 + 8) * hs + h] += acc[u][2 + j];
+              const int h = fc == 0 ? cidx[2 * u + j] : __ldg(idx + g * F + t);
+              acc_w[h] += acc[u][j];
             }
           }
       }
@@ -176,12 +203,12 @@ template <class T, int KCG>
 int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
                    int nwarps) {
   const int hs = (int)acc_stride(s.in_features);
-  const size_t smem = (size_t)nwarps * 16 * hs * sizeof(float);
+  const size_t smem = (size_t)nwarps * kDxRows * hs * sizeof(float);
   auto kernel = dx_mma<T, KCG>;
   const int per_sm = prepare(kernel, nwarps * 32, smem);
   XMC_CHECK_LAUNCH();
   const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
-  const int nbt = (int)((s.batch + nwarps * 16 - 1) / (nwarps * 16));
+  const int nbt = (int)((s.batch + nwarps * kDxRows - 1) / (nwarps * kDxRows));
   int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / nbt);
   chunks = xmin<int64_t>(chunks, n_groups);
   const int64_t n = s.batch * s.in_features;
@@ -202,10 +229,10 @@ int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32
 
 template <class T>
 int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st) {
-  // Warps that fit: each owns 16 rows x H fp32 accumulators; no more warps than the batch has 16-row tiles.
-  const int64_t per_warp = 16 * acc_stride(s.in_features) * (int64_t)sizeof(float);
+  // Warps that fit: each owns kDxRows rows x H fp32 accumulators; no more warps than the batch has row tiles.
+  const int64_t per_warp = kDxRows * acc_stride(s.in_features) * (int64_t)sizeof(float);
   int nwarps = (int)xmin<int64_t>(kDxMaxWarps, smem_optin() / per_warp);
-  nwarps = (int)xmin<int64_t>(nwarps, (s.batch + 15) / 16);
+  nwarps = (int)xmin<int64_t>(nwarps, (s.batch + kDxRows - 1) / kDxRows);
   const bool ok = nwarps >= 1 && s.fan_in % 8 == 0 && s.group_size <= 128 && (uintptr_t)w % 16 == 0;
   if (!ok) return grad_input_generic<T>(s, dy, w, idx, gx, st);
   const int kcg = (int)((s.group_size + 31) / 32);
