@@ -104,7 +104,7 @@ def run_synthetic_1m(args):
         # logits), but its full budget does not fit the benchmark's time: probe memory and step time only
         per_epoch = -(-train.num_points // base.batch_size)
         probe = replace(base, epochs=args.dense_steps / per_epoch, progress=True)
-        r = measure_run(replace(mc, head="dense"), probe, train, test.subset(torch.arange(500)), inv_prop)
+        r = measure_run(replace(mc, head="dense"), probe, train, test.subset(torch.arange(min(500, test.num_points))), inv_prop)
         r["note"] = (f"probe: {args.dense_steps} steps only (not the GSFFI budget); metrics are not comparable, "
                      f"memory and seconds_per_step are")
         result["heads"]["dense_probe"] = r

@@ -175,7 +175,8 @@ class Trainer:
 
     Determinism: the order of the points in epoch e is randperm(N) from a generator seeded by (seed, e), and
     dropout draws from torch's global generator, whose state the checkpoint keeps. So a run resumed from a
-    checkpoint at step s takes exactly the steps the uninterrupted run takes after s.
+    checkpoint at step s takes exactly the steps the uninterrupted run takes after s. Construction seeds torch's
+    global generator with cfg.seed (the model's initialisation and dropout draw from it).
     """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, loss_fn=bce_loss):
@@ -190,6 +191,7 @@ class Trainer:
         self.step = 0
         self.history: list = []
         self.train_seconds = 0.0
+        self._loss_sum, self._loss_n = 0.0, 0  # training loss since the last evaluation
         self.extra: dict = {}  # stored in checkpoints as is (data description, label counts, ...)
 
     def _make_scheduler(self, total_steps: int):
@@ -224,7 +226,6 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.cfg.progress,
                    dynamic_ncols=True)
-        loss_sum, loss_n = 0.0, 0
         order, order_epoch = None, -1
         while self.step < end:
             epoch, i = divmod(self.step, per_epoch)
@@ -241,15 +242,15 @@ class Trainer:
             self.scheduler.step()
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            self._loss_sum, self._loss_n = self._loss_sum + loss.item(), self._loss_n + 1
             bar.update(1)
             bar.set_postfix(epoch=f"{self.step / per_epoch:.2f}", loss=f"{loss.item():.3f}",
                             lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             if test_eval is not None and (self.step % eval_every == 0 or self.step == total):
                 m = evaluate_model(self.model, test_eval, inv_prop)
                 self.history.append({"step": self.step, "epoch": self.step / per_epoch,
-                                     "loss": loss_sum / max(loss_n, 1), **m})
-                loss_sum, loss_n = 0.0, 0
+                                     "loss": self._loss_sum / max(self._loss_n, 1), **m})
+                self._loss_sum, self._loss_n = 0.0, 0
                 if self.cfg.progress:
                     bar.write(f"step {self.step} epoch {self.step / per_epoch:.2f}: "
                               + " ".join(f"{k} {m[k]:.2f}" for k in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5") if k in m))
@@ -271,6 +272,7 @@ class Trainer:
             "step": self.step,
             "history": self.history,
             "train_seconds": self.train_seconds,
+            "loss_since_eval": (self._loss_sum, self._loss_n),
             "extra": self.extra,
         }
 
@@ -292,6 +294,7 @@ class Trainer:
             # the schedule's length is known in fit (it depends on the data size): restore there
             t._pending = {"optimizer": ck["optimizer"], "scheduler": ck["scheduler"]}
         t.step, t.history, t.train_seconds, t.extra = ck["step"], ck["history"], ck["train_seconds"], ck["extra"]
+        t._loss_sum, t._loss_n = ck["loss_since_eval"]
         torch.set_rng_state(ck["rng"])
         return t
 
