@@ -171,6 +171,16 @@ def test_opcheck(shape, dtype, device):
     torch.library.opcheck(TOPK, (x, w, idx, b, G, min(3, L)))
 
 
+def test_backward_scales_by_grad_output(device):
+    """The op's own gradients are scaled by the incoming gradient (passed on unscaled only when it is 1)."""
+    x, w, idx, b = make(5, 14, 20, 4, 6, device)
+    indptr, labels = random_targets(5, 20, device)
+    ours = loss_and_grads(lambda x, w, b: -2.5 * fused(idx, 6, indptr, labels)(x, w, b), x, w, b)
+    ref = loss_and_grads(lambda x, w, b: -2.5 * unfused(idx, 6, indptr, labels)(x, w, b), x, w, b)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r)
+
+
 def test_output_mask_skips_gradients(device):
     x, w, idx, b = make(4, 12, 10, 4, 3, device)
     indptr, labels = random_targets(4, 10, device)

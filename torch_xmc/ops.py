@@ -89,8 +89,15 @@ def _fused_loss_setup_context(ctx, inputs, output):
 
 
 def _fused_loss_backward(ctx, grad_loss, *_):
-    # the op already returned d loss / d (x, weight, bias); the chain rule only scales them
-    gx, gw, gb = (g * grad_loss if g is not None else None for g in ctx.saved_tensors)
+    # The op already returned d loss / d (x, weight, bias); the chain rule only scales them. For the usual
+    # loss.backward() (grad_loss = 1 in a plain eager CPU tensor: reading it costs no device sync and no tracing
+    # guard) they are passed on as they are, saving a parameter-sized copy of the weight gradient.
+    saved = ctx.saved_tensors
+    eager_one = (type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+                 and grad_loss.device.type == "cpu" and bool(grad_loss == 1))
+    if not eager_one:
+        saved = [g * grad_loss if g is not None else None for g in saved]
+    gx, gw, gb = saved
     return gx, gw, None, gb, None, None, None, None, None, None
 
 
