@@ -94,16 +94,32 @@ def make_batch(data: XMCData, rows: torch.Tensor) -> Batch:
     return Batch(data.feat_indices[fpos], fptr[:-1], data.feat_values[fpos], lptr, data.label_indices[lpos])
 
 
-def bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Tensor, label_indices: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits summed over labels, averaged over the batch, with dense [B, L] logits and targets.
+class _SparseTargetBCE(torch.autograd.Function):
+    """sum of BCE-with-logits over [B, L] logits whose targets are 1 at (rows, cols) and 0 elsewhere, without a
+    dense target tensor: sum softplus(x) - sum x[rows, cols]; gradient sigmoid(x) - target."""
 
-    The one place that turns (hidden [B, H], positives CSR) into a loss: a fused op that never builds B x L
+    @staticmethod
+    def forward(ctx, logits, rows, cols):
+        ctx.save_for_backward(logits, rows, cols)
+        return F.softplus(logits).sum() - logits[rows, cols].sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, rows, cols = ctx.saved_tensors
+        grad = torch.sigmoid(logits)
+        grad[rows, cols] -= 1.0
+        return grad.mul_(grad_out), None, None
+
+
+def bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Tensor, label_indices: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits summed over labels, averaged over the batch; the [B, L] logits are materialised, the
+    targets are not (the positives are given as CSR: label_indptr [B+1], label_indices).
+
+    The one place that turns (hidden [B, H], positives) into a loss: a fused op that never builds B x L
     replaces this function alone."""
     logits = head(hidden)
-    target = torch.zeros_like(logits)
     rows = torch.repeat_interleave(torch.arange(hidden.shape[0]), label_indptr.diff())
-    target[rows, label_indices] = 1.0
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / hidden.shape[0]
+    return _SparseTargetBCE.apply(logits, rows, label_indices) / hidden.shape[0]
 
 
 @torch.no_grad()
