@@ -264,7 +264,19 @@ def main():
     ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))))
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--gather-bmm-rows", default="1", help="rows (indices) that also time plain-PyTorch GSFFI")
+    ap.add_argument("--once", type=int, help="run forward, grad_input, grad_weight of this row twice (for ncu)")
     a = ap.parse_args()
+    if a.once is not None:
+        B, L, F, G = ROWS[a.once]
+        x = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(L, F, device="cuda", dtype=torch.bfloat16)
+        idx, gy = indices(-(-L // G), H, F, "cuda"), torch.randn(B, L, device="cuda", dtype=torch.bfloat16)
+        for _ in range(2):
+            FWD(x, w, idx, None, G)
+            BWD(gy, x, w, idx, G, [True, False, False])
+            BWD(gy, x, w, idx, G, [False, True, False])
+        torch.cuda.synchronize()
+        return
     if a.check or a.small:
         ok = run_check(small=a.small)
         if not a.json:

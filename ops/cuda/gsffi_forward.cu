@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
   // Fill x^T: rows 0..H-1 from x, row H zeros (padded fan-in slots point there), columns >= rows zeros.
   const int hchunks = (H + 8) / 8;  // 8 features per step, row H included
   for (int e = threadIdx.x; e < BT * hchunks; e += blockDim.x) {
-    const int r = e / hchunks, h0 = (e - r * hchunks) * 8;
+    const int hc = e / BT, r = e - hc * BT, h0 = hc * 8;  // r fastest: the 2-byte stores of a warp share no bank
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r < rows && h0 < H) v = load_elems<8>(x + (b0 + r) * H + h0, H - h0, x_vec);
     const uint16_t *pv = reinterpret_cast<const uint16_t *>(&v);

@@ -41,7 +41,7 @@ template <class T, int KCG>
 __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dx_mma(const T *__restrict__ dy, const T *__restrict__ w, const int32_t *__restrict__ idx,
            float *__restrict__ part, int64_t B, int H, int64_t L, int F, int G, int64_t n_groups, int nbt, int hs,
-           bool dy_vec) {
+           bool dy_vec, bool idx_vec) {
   extern __shared__ __align__(16) float accs[];
   const int nwarps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
   const int BTB = nwarps * kDxRows;
@@ -80,34 +80,39 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
         }
       }
     };
-    // The next group's grad_y, first weight chunk and first 64 feature ids load while this group computes.
-    uint4 pdy[KCG], pw[8];
-    int pidx[16];
-    auto fetch = [&](int64_t g) {
+    // Group g's grad_y, first weight chunk and first 64 feature ids (slot 16q + 8j + 4i + e in ids[2j + i].e).
+    struct Stage {
+      uint4 dy[KCG], w[8];
+      int4 ids[4];
+    };
+    auto fetch = [&](Stage &st, int64_t g) {
       const int64_t lg = g * G, lend = xmin<int64_t>(lg + G, L);
 #pragma unroll
       for (int kc = 0; kc < KCG; ++kc) {
         const int64_t l = lg + kc * 32 + 8 * q;
-        pdy[kc] = row_ok ? load_elems<8>(dy + row * L + l, lend - l, dy_vec) : make_uint4(0, 0, 0, 0);
+        st.dy[kc] = row_ok ? load_elems<8>(dy + row * L + l, lend - l, dy_vec) : make_uint4(0, 0, 0, 0);
       }
-      load_w(pw, g, 0, 0);
+      load_w(st.w, g, 0, 0);
 #pragma unroll
-      for (int k = 0; k < 16; ++k) {
-        const int t = 16 * q + 8 * (k & 1) + (k >> 1);
-        pidx[k] = t < F ? __ldg(idx + g * F + t) : 0;
+      for (int k = 0; k < 4; ++k) {
+        const int t = 16 * q + 4 * k;
+        st.ids[k] = t < F ? (idx_vec ? __ldg(reinterpret_cast<const int4 *>(idx + g * F + t))
+                                     : make_int4(idx[g * F + t], idx[g * F + t + 1], idx[g * F + t + 2],
+                                                 idx[g * F + t + 3]))
+                          : make_int4(0, 0, 0, 0);
       }
     };
-    if (g_begin < g_end) fetch(g_begin);
-    for (int64_t g = g_begin; g < g_end; ++g) {
-      uint4 cdy[KCG], cw[8];
-      int cidx[16];
+    // Adds acc (columns 2q + j of tile u: slots 64 fc + 16 q + 8 j + u) into this lane's accumulator row. All
+    // reads first, then all writes: a lane's 16 feature ids are distinct, so nothing waits on a store.
+    auto scatter = [&](const float acc[8][4], const int h[16], int fc) {
+      float old[16];
 #pragma unroll
-      for (int kc = 0; kc < KCG; ++kc) cdy[kc] = pdy[kc];
+      for (int k = 0; k < 16; ++k) old[k] = fc * 64 + 16 * q + 8 * (k & 1) + (k >> 1) < F ? acc_w[h[k]] : 0.f;
 #pragma unroll
-      for (int v = 0; v < 8; ++v) cw[v] = pw[v];
-#pragma unroll
-      for (int k = 0; k < 16; ++k) cidx[k] = pidx[k];
-      if (g + 1 < g_end) fetch(g + 1);
+      for (int k = 0; k < 16; ++k)
+        if (fc * 64 + 16 * q + 8 * (k & 1) + (k >> 1) < F) acc_w[h[k]] = old[k] + acc[k >> 1][k & 1];
+    };
+    auto compute = [&](const Stage &st, int64_t g) {
       for (int fc = 0; fc * 64 < F; ++fc) {
         float acc[8][4];
 #pragma unroll
@@ -115,32 +120,163 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
 #pragma unroll
         for (int kc = 0; kc < KCG; ++kc) {
           if (fc == 0 && kc == 0) {
-            mma_chunk(acc, cw, cdy[0]);
+            mma_chunk(acc, st.w, st.dy[0]);
           } else {
             uint4 wv[8];
             load_w(wv, g, fc, kc);
-            mma_chunk(acc, wv, cdy[kc]);
+            mma_chunk(acc, wv, st.dy[kc]);
           }
         }
-        // This lane holds columns n = 2q, 2q + 1 of tile u: slots 64 fc + 16 q + 8 j + u.
+        int h[16];  // k = 2u + j
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
+        for (int k = 0; k < 16; ++k) {
+          const int u = k >> 1, j = k & 1;
+          if (fc == 0) {
+            const int4 v = st.ids[2 * j + (u >> 2)];
+            h[k] = (u & 3) == 0 ? v.x : (u & 3) == 1 ? v.y : (u & 3) == 2 ? v.z : v.w;
+          } else {
             const int t = fc * 64 + 16 * q + 8 * j + u;
-            if (t < F) {
-              const int h = fc == 0 ? cidx[2 * u + j] : __ldg(idx + g * F + t);
-              acc_w[h] += acc[u][j];
-            }
+            h[k] = t < F ? __ldg(idx + g * F + t) : 0;
           }
+        }
+        scatter(acc, h, fc);
       }
+    };
+    // Two stages in turn: the next group's loads are in flight while this one computes, with no copies.
+    Stage s0, s1;
+    int64_t g = g_begin;
+    if (g < g_end) fetch(s0, g);
+    for (; g + 1 < g_end; g += 2) {
+      fetch(s1, g + 1);
+      compute(s0, g);
+      if (g + 2 < g_end) fetch(s0, g + 2);
+      compute(s1, g + 1);
     }
+    if (g < g_end) compute(s0, g);
   }
   __syncthreads();
   const int64_t rows = xmin<int64_t>(BTB, B - brow);
   for (int64_t e = threadIdx.x; e < rows * H; e += blockDim.x) {
     const int64_t r = e / H, h = e - r * H;
     part[((int64_t)c * B + brow + r) * H + h] = accs[r * hs + h];
+  }
+}
+
+// Weight-staged variant, used where its ring fits beside the accumulators. The 8 warps of a block read the
+// same group's weights, so the block copies them (and the group's feature ids) once into a ring of shared
+// stages with cp.async, `ns` - 1 groups ahead, and each warp takes its B fragments with ldmatrix.trans: per
+// group a warp then spends ~130 instructions instead of ~600 (8 weight loads, 32 byte permutes and their
+// 64-bit address and bounds arithmetic, all repeated by every warp). Rows of a stage are F * 2 bytes; the
+// 16-byte chunk c of row L sits at c ^ swz(L), so the 8 label rows one ldmatrix phase reads
+// ({0, 1, 8, 9, 16, 17, 24, 25} + even offset) fall on 8 different bank groups.
+__device__ __forceinline__ int stage_swz(int row, int mask) { return ((row & 1) | (((row >> 3) & 3) << 1)) & mask; }
+
+template <class T, int KCG>
+__global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
+    dx_mma_staged(const T *__restrict__ dy, const T *__restrict__ w, const int32_t *__restrict__ idx,
+                  float *__restrict__ part, int64_t B, int H, int64_t L, int F, int G, int64_t n_groups, int nbt,
+                  int hs, int ns, int stage_bytes, bool dy_vec) {
+  extern __shared__ __align__(16) float accs[];
+  const int nwarps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
+  const int BTB = nwarps * kDxRows;
+  for (int e = threadIdx.x; e < BTB * hs; e += blockDim.x) accs[e] = 0.f;
+  unsigned char *ring = reinterpret_cast<unsigned char *>(accs + BTB * hs);
+  const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
+  constexpr int kRows = 32 * KCG;  // weight rows per stage, zero past the group's end
+  const int cpr = F / 8, smask = cpr % 8 == 0 ? 7 : 0;
+
+  const int bt = blockIdx.x % nbt, c = blockIdx.x / nbt, chunks = gridDim.x / nbt;
+  const int64_t brow = (int64_t)bt * BTB, b0 = brow + warp * kDxRows, row = b0 + r4;
+  const bool row_ok = row < B;
+  float *acc_w = accs + (size_t)warp * kDxRows * hs + r4 * hs;
+  const int64_t g_begin = n_groups * c / chunks, g_end = n_groups * (c + 1) / chunks;
+
+  auto issue = [&](int64_t g, int slot) {
+    if (g < g_end) {
+      const uint32_t sb = ring_s + slot * stage_bytes;
+      const int64_t lg = g * G;
+      const int nval = (int)(xmin<int64_t>(lg + G, L) - lg);
+      for (int e = threadIdx.x; e < kRows * cpr; e += blockDim.x) {
+        const int r = e / cpr, col = e - r * cpr;
+        const bool ok = r < nval;
+        cp_async16(sb + r * F * 2 + ((col ^ stage_swz(r, smask)) << 4), ok ? w + (lg + r) * F + col * 8 : w, ok);
+      }
+      for (int e = threadIdx.x; e < F / 4; e += blockDim.x)
+        cp_async16(sb + kRows * F * 2 + e * 16, idx + g * F + e * 4, true);
+    }
+    cp_async_commit();
+  };
+  auto load_dy = [&](uint4 d[KCG], int64_t g) {
+    const int64_t lg = g * G, lend = xmin<int64_t>(lg + G, L);
+#pragma unroll
+    for (int kc = 0; kc < KCG; ++kc) {
+      const int64_t l = lg + kc * 32 + 8 * q;
+      d[kc] = row_ok && g < g_end ? load_elems<8>(dy + row * L + l, lend - l, dy_vec) : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  for (int k = 0; k < ns - 1; ++k) issue(g_begin + k, k);
+  uint4 dyn[KCG];
+  load_dy(dyn, g_begin);
+  // ldmatrix.x4.trans: lane 8i + r gives label row r of matrix i; i & 1 is the k half, i >> 1 the tile of a pair.
+  const int mi = lane >> 3, rr = lane & 7;
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t i = g - g_begin;
+    if (ns == 2) cp_async_wait<0>(); else if (ns == 3) cp_async_wait<1>(); else cp_async_wait<2>();
+    __syncthreads();  // stage i is in; every warp is done with the stage that the next issue overwrites
+    issue(g + ns - 1, (int)((i + ns - 1) % ns));
+    uint4 dyc[KCG];
+#pragma unroll
+    for (int kc = 0; kc < KCG; ++kc) dyc[kc] = dyn[kc];
+    load_dy(dyn, g + 1);
+    if (b0 >= B) continue;
+    const uint32_t sb = ring_s + (uint32_t)(i % ns) * stage_bytes;
+    const int *ids = reinterpret_cast<const int *>(ring + (i % ns) * stage_bytes + kRows * F * 2);
+    for (int fc = 0; fc * 64 < F; ++fc) {
+      float acc[8][4];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.f;
+#pragma unroll
+      for (int kc = 0; kc < KCG; ++kc)
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const uint32_t a[4] = {word(dyc[kc], 2 * s), 0u, word(dyc[kc], 2 * s + 1), 0u};
+          const int lrow = kc * 32 + 8 * (rr >> 1) + 4 * s + 2 * (mi & 1) + (rr & 1);
+          const int sw = stage_swz(lrow, smask);
+          const uint32_t rbase = sb + lrow * F * 2;
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            const int tile = fc * 8 + 2 * p;
+            if (tile * 8 >= F) break;
+            uint32_t b[4];
+            ldsm_x4_trans(b, rbase + (((tile + (mi >> 1)) ^ sw) << 4));
+            mma16816(T(), acc[2 * p], a, b[0], b[1]);
+            mma16816(T(), acc[2 * p + 1], a, b[2], b[3]);
+          }
+        }
+      // Column n = 2q + j of tile u is slot 64 fc + 8u + 2q + j. Reads first, then writes (ids are distinct).
+      int h[16];
+      float old[16];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int t = fc * 64 + 8 * u + 2 * q;
+        const int2 v = t < F ? *reinterpret_cast<const int2 *>(ids + t) : make_int2(0, 0);
+        h[2 * u] = v.x;
+        h[2 * u + 1] = v.y;
+      }
+#pragma unroll
+      for (int k = 0; k < 16; ++k) old[k] = fc * 64 + 8 * (k >> 1) + 2 * q < F ? acc_w[h[k]] : 0.f;
+#pragma unroll
+      for (int k = 0; k < 16; ++k)
+        if (fc * 64 + 8 * (k >> 1) + 2 * q < F) acc_w[h[k]] = old[k] + acc[k >> 1][k & 1];
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  const int64_t rows = xmin<int64_t>(BTB, B - brow);
+  for (int64_t e = threadIdx.x; e < rows * H; e += blockDim.x) {
+    const int64_t r = e / H, hh = e - r * H;
+    part[((int64_t)c * B + brow + r) * H + hh] = accs[r * hs + hh];
   }
 }
 
@@ -218,9 +354,39 @@ int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32
     return XMC_ERR_NOMEM;
   }
   const bool dy_vec = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0;
+  const bool idx_vec = (uintptr_t)idx % 16 == 0;
   kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
                                                               (int)s.in_features, s.out_features, (int)s.fan_in,
-                                                              (int)s.group_size, n_groups, nbt, hs, dy_vec);
+                                                              (int)s.group_size, n_groups, nbt, hs, dy_vec, idx_vec);
+  int rc = last_error();
+  if (rc == 0) rc = reduce<T, float>(part, chunks, n, gx, st);
+  cudaFreeAsync(part, st);
+  return rc;
+}
+
+template <class T, int KCG>
+int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
+                      int nwarps, int ns, int stage_bytes) {
+  const int hs = (int)acc_stride(s.in_features);
+  const size_t smem = (size_t)nwarps * kDxRows * hs * sizeof(float) + (size_t)ns * stage_bytes;
+  auto kernel = dx_mma_staged<T, KCG>;
+  const int per_sm = prepare(kernel, nwarps * 32, smem);
+  XMC_CHECK_LAUNCH();
+  const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
+  const int nbt = (int)((s.batch + nwarps * kDxRows - 1) / (nwarps * kDxRows));
+  int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / nbt);
+  chunks = xmin<int64_t>(chunks, n_groups);
+  const int64_t n = s.batch * s.in_features;
+  float *part = nullptr;
+  if (scratch_alloc((void **)&part, (size_t)(chunks * n) * sizeof(float), st) != cudaSuccess) {
+    cudaGetLastError();
+    return XMC_ERR_NOMEM;
+  }
+  const bool dy_vec = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0;
+  kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
+                                                              (int)s.in_features, s.out_features, (int)s.fan_in,
+                                                              (int)s.group_size, n_groups, nbt, hs, ns, stage_bytes,
+                                                              dy_vec);
   int rc = last_error();
   if (rc == 0) rc = reduce<T, float>(part, chunks, n, gx, st);
   cudaFreeAsync(part, st);
@@ -236,6 +402,15 @@ int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int3
   const bool ok = nwarps >= 1 && s.fan_in % 8 == 0 && s.group_size <= 128 && (uintptr_t)w % 16 == 0;
   if (!ok) return grad_input_generic<T>(s, dy, w, idx, gx, st);
   const int kcg = (int)((s.group_size + 31) / 32);
+  // Weight ring beside the accumulators: 2 to 4 stages of 32 KCG weight rows and F feature ids.
+  const int stage_bytes = (int)(32 * (kcg == 3 ? 4 : kcg) * s.fan_in * 2 + s.fan_in * 4 + 15) / 16 * 16;
+  const int64_t spare = smem_optin() - (int64_t)nwarps * kDxRows * acc_stride(s.in_features) * (int64_t)sizeof(float);
+  const int ns = (int)xmin<int64_t>(4, spare / stage_bytes);
+  if (ns >= 2 && (uintptr_t)idx % 16 == 0) {
+    if (kcg == 1) return grad_input_staged<T, 1>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes);
+    if (kcg == 2) return grad_input_staged<T, 2>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes);
+    return grad_input_staged<T, 4>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes);
+  }
   if (kcg == 1) return grad_input_mma<T, 1>(s, dy, w, idx, gx, st, nwarps);
   if (kcg == 2) return grad_input_mma<T, 2>(s, dy, w, idx, gx, st, nwarps);
   return grad_input_mma<T, 4>(s, dy, w, idx, gx, st, nwarps);
