@@ -32,15 +32,13 @@ double reduction_scale(const char *op, std::string_view reduction, int64_t B, in
   TORCH_CHECK(false, op, ": reduction must be 'batchmean', 'mean' or 'sum', got '", reduction, "'");
 }
 
-// Host checks of the CSR targets; the kernels assume them.
+// Host checks of the CSR targets (contiguous, on the CPU); the kernels assume them.
 void check_targets(const char *op, const at::Tensor &indptr, const at::Tensor &labels, int64_t B, int64_t L) {
   TORCH_CHECK(indptr.scalar_type() == at::kLong && indptr.dim() == 1 && indptr.size(0) == B + 1, op,
               ": indptr must be int64 of shape [batch + 1] = [", B + 1, "], got ", indptr.scalar_type(), " ",
               indptr.sizes());
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1, op,
               ": labels must be a 1-D int64 tensor [nnz], got ", labels.scalar_type(), " ", labels.sizes());
-  TORCH_CHECK(indptr.device().is_cpu() && labels.device().is_cpu(), op,
-              ": indptr and labels must be on the CPU, got ", indptr.device(), " and ", labels.device());
   const int64_t *p = indptr.const_data_ptr<int64_t>(), *l = labels.const_data_ptr<int64_t>();
   const int64_t nnz = labels.size(0);
   int64_t at = 0;
@@ -73,8 +71,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gsffi_fused_loss(
   const xmc_loss kind = parse_loss(op, loss);
   s.batch = x.size(0);
   const double scale = reduction_scale(op, reduction, s.batch, s.out_features);
-  auto ptr = indptr.contiguous(), lab = labels.contiguous();
-  check_targets(op, ptr, lab, s.batch, s.out_features);
+  TORCH_CHECK(indptr.device() == labels.device() && (indptr.device().is_cpu() || indptr.device() == x.device()), op,
+              ": indptr and labels must be on the CPU or on ", x.device(), " like x, got ", indptr.device(), " and ",
+              labels.device());
+  // the targets are checked on the host (on a GPU that is a copy and a sync) and read by the kernel on x's device
+  check_targets(op, indptr.cpu().contiguous(), labels.cpu().contiguous(), s.batch, s.out_features);
+  auto ptr = indptr.to(x.device()).contiguous(), lab = labels.to(x.device()).contiguous();
   auto idx = indices.contiguous();
   if (k.layer->check_index_range) check_index_range(op, idx, s.in_features);
 

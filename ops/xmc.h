@@ -139,6 +139,15 @@ int xmc_gsffi_fused_loss_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, con
 int xmc_gsffi_topk_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                        const void *bias, int64_t k, void *scores, int64_t *label_ids, xmc_exec ex);
 
+/* CUDA (ops/cuda/fused_*.cu): float32, bfloat16, float16, float64. Asynchronous on ex.stream; indptr, labels
+ * and loss_out are device pointers. Plain FMA in float (double for float64), no tensor cores. */
+int xmc_gsffi_fused_loss_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
+                              const int32_t *indices, const void *bias, const int64_t *indptr, const int64_t *labels,
+                              xmc_loss loss, double scale, double *loss_out, void *grad_x, void *grad_weight,
+                              void *grad_bias, xmc_exec ex);
+int xmc_gsffi_topk_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
+                        const void *bias, int64_t k, void *scores, int64_t *label_ids, xmc_exec ex);
+
 /* What xmc_check_csr_targets_cpu found; *where is the offending position in indptr or labels. */
 enum { XMC_CSR_OK = 0, XMC_CSR_FIRST_NOT_ZERO = 1, XMC_CSR_DECREASING = 2, XMC_CSR_LAST_NOT_NNZ = 3,
        XMC_CSR_LABEL_OUT_OF_RANGE = 4 };

@@ -97,8 +97,8 @@ def gsffi_loss(
     """Loss of the GSFFI layer's logits y = group_shared_fan_in(input, ...) against positive-label targets,
     computed with its gradients in one pass over the label groups: no [B, L] tensor is ever allocated.
 
-    input [B, H]; weight, indices, bias, group_size as in group_shared_fan_in. Targets in CSR form on the CPU:
-    row b's positive label ids are labels[indptr[b]:indptr[b + 1]] (indptr int64 [B + 1], labels int64 [nnz],
+    input [B, H]; weight, indices, bias, group_size as in group_shared_fan_in. Targets in CSR form, on the CPU or
+    on input's device (they are checked on the host: on a GPU that is a copy and a sync): row b's positive label ids are labels[indptr[b]:indptr[b + 1]] (indptr int64 [B + 1], labels int64 [nnz],
     ids in [0, L)); every other label is a negative; a row may have none; a repeated id counts once.
     loss: "bce" (binary cross-entropy with logits) or "squared_hinge" (max(0, 1 - s y)^2, s = +-1).
     reduction of the B * L terms: "batchmean" (sum / B: per-row sum over labels, averaged over rows; the usual
