@@ -159,8 +159,8 @@ def cmd_compare(args):
     print()
     for line in [header, *table]:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
-    print("head memory: head parameters + gradients + Adam state + index buffers; peak memory: process peak RSS "
-          "above its level before the run (training and evaluation)")
+    print("head memory: head parameters + gradients + Adam state + index buffers; peak memory: peak RSS of the "
+          "run's own process above its level before training (training and evaluation)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"source": source, "args": vars(args), "runs": rows}, f, indent=1, default=str)

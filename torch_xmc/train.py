@@ -5,7 +5,7 @@ resumed run reproduces the uninterrupted one exactly.
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -351,11 +351,43 @@ def head_training_bytes(head: nn.Module) -> int:
 
 
 def measure_run(model_cfg: ModelConfig, train_cfg: TrainConfig, train: XMCData, test: XMCData,
-                inv_prop: torch.Tensor | None = None) -> dict:
+                inv_prop: torch.Tensor | None = None, isolate: bool = True) -> dict:
     """Train, evaluate on test, and measure: {"metrics", "history", "head_params", "head_bytes",
-    "peak_bytes" (process peak RSS above the level before the run), "steps", "train_seconds",
-    "seconds_per_step", "seconds_per_epoch",
-    "eval_seconds", "model_config", "train_config"}."""
+    "peak_bytes" (peak RSS above the level before training), "steps", "train_seconds", "seconds_per_step",
+    "seconds_per_epoch", "eval_seconds", "model_config", "train_config"}.
+
+    isolate=True runs it in a fresh (spawned) process with torch's current thread count, so that memory the
+    allocator kept from earlier runs neither hides nor inflates this run's peak."""
+    if not isolate:
+        return _measure(model_cfg, train_cfg, train, test, inv_prop)
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
+        return pool.apply(_measure_in_child, (model_cfg, train_cfg, train, test, inv_prop, torch.get_num_threads()))
+    finally:
+        pool.close()  # close + join, not the context manager's terminate, which leaks the pool's semaphores
+        pool.join()
+
+
+def _measure_in_child(model_cfg, train_cfg, train, test, inv_prop, threads):
+    torch.set_num_threads(threads)
+    return _measure(model_cfg, train_cfg, train, test, inv_prop)
+
+
+def _warm_up(model_cfg, train_cfg):
+    """A few steps of a tiny model with the same head kind: pages in the library code, thread pools and
+    allocator arenas that any run touches, so they do not count as this run's memory."""
+    tiny = XMCData(torch.arange(9) * 2, torch.arange(16) % 8, torch.ones(16), torch.arange(9), torch.arange(8) * 7,
+                   8, 64)
+    cfg = replace(model_cfg, num_features=8, num_labels=64, hidden=16, fan_in=2)
+    state = torch.get_rng_state()
+    Trainer(cfg, replace(train_cfg, epochs=2, batch_size=4, progress=False)).fit(tiny, tiny)
+    torch.set_rng_state(state)
+
+
+def _measure(model_cfg, train_cfg, train, test, inv_prop):
+    _warm_up(model_cfg, train_cfg)
     base = reset_peak_rss()
     trainer = Trainer(model_cfg, train_cfg)
     result = trainer.fit(train, test, inv_prop)
