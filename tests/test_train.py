@@ -108,7 +108,17 @@ def test_cli_train_resume_evaluate_compare(tmp_path, capsys):
     assert "resuming" in capsys.readouterr().out
     main(["evaluate", "--checkpoint", ck, "--quiet", "--json", str(tmp_path / "m.json")])
     assert "P@5" in capsys.readouterr().out and (tmp_path / "m.json").exists()
-    main(["compare", *tiny, "--epochs", "1", "--plot", str(tmp_path / "c.png"), "--json", str(tmp_path / "c.json")])
+    main(["compare", *tiny, "--epochs", "1", "--in-process", "--plot", str(tmp_path / "c.png"), "--json", str(tmp_path / "c.json")])
     out = capsys.readouterr().out
     assert "dense" in out and "gsffi F=4 G=32" in out and "head params" in out
     assert (tmp_path / "c.json").exists()
+
+
+def test_measure_run_isolated(split):
+    from torch_xmc.train import measure_run
+
+    train, test = split
+    mc, tc = configs("gsffi")
+    r = measure_run(mc, tc, train, test)
+    assert r["steps"] == 16 and r["peak_bytes"] > 0 and r["head_params"] == mc.num_labels * (mc.fan_in + 1)
+    assert 0 <= r["metrics"]["P@1"] <= 100

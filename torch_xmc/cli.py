@@ -148,7 +148,7 @@ def cmd_compare(args):
         mc, tc = _configs(args, train, head)
         label = "dense" if head == "dense" else f"gsffi F={mc.fan_in} G={mc.group_size}"
         print(f"--- {label}")
-        r = measure_run(mc, tc, train, test, inv_prop)
+        r = measure_run(mc, tc, train, test, inv_prop, isolate=not args.in_process)
         r["name"] = label
         rows.append(r)
     header = ["head", *SHOWN, "head params", "head memory", "peak memory", "s/epoch"]
@@ -221,6 +221,8 @@ def main(argv=None):
     c.add_argument("--heads", default="dense,gsffi", help="comma-separated heads to compare (default dense,gsffi)")
     c.add_argument("--plot", default="compare.png", help="PNG of P@1 against head memory (default compare.png)")
     c.add_argument("--json", help="write the runs to this JSON file")
+    c.add_argument("--in-process", action="store_true",
+                   help="run the heads in this process (faster start; peak memory then also counts earlier runs' cache)")
     c.set_defaults(func=cmd_compare)
 
     args = p.parse_args(argv)
