@@ -176,6 +176,7 @@ def plot_p1_vs_memory(rows, path, title=""):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         print(f"matplotlib is not installed: no plot written to {path} (pip install matplotlib)", file=sys.stderr)
         return
@@ -185,6 +186,9 @@ def plot_p1_vs_memory(rows, path, title=""):
         ax.scatter([x], [r["metrics"]["P@1"]], s=40)
         ax.annotate(r["name"], (x, r["metrics"]["P@1"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.margins(x=0.4, y=0.2)
     ax.set_xlabel("head training memory (MiB, log scale)")
     ax.set_ylabel("P@1 (%)")
     ax.set_title(title)
