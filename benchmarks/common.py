@@ -59,6 +59,7 @@ def environment():
         "machine": platform.processor() or platform.machine(),
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
+        "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],  # other work on the machine skews CPU times
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
