@@ -5,8 +5,8 @@ from torch import nn
 
 from torch_xmc import GroupSharedFanIn, metrics
 from torch_xmc.data import SyntheticSpec, synthetic_split
-from torch_xmc.train import (ModelConfig, TrainConfig, Trainer, bce_loss, build_model, make_batch, normalized,
-                             predict_topk)
+from torch_xmc.train import (ModelConfig, TrainConfig, Trainer, bce_loss, build_model, fused_bce_loss, make_batch,
+                             normalized, predict_topk)
 
 SPEC = SyntheticSpec(num_features=400, num_labels=150, labels_per_topic=10)
 
@@ -40,13 +40,30 @@ def test_predict_topk_chunked_equals_full(split, head):
     _, test = split
     torch.manual_seed(0)
     model = build_model(ModelConfig(SPEC.num_features, SPEC.num_labels, hidden=32, head=head, fan_in=4, group_size=8))
-    full = predict_topk(model, test, k=5)
-    chunked = predict_topk(model, test, k=5, max_elements=7 * SPEC.num_labels)  # 7 rows per chunk
+    full = predict_topk(model, test, k=5)  # fused top-k op
+    chunked = predict_topk(model, test, k=5, max_elements=7 * SPEC.num_labels, fused=False)  # 7 rows per chunk
     assert torch.equal(full, chunked)
     b = make_batch(test, torch.arange(test.num_points))
     model.eval()
     with torch.no_grad():
         assert torch.equal(full, model(b.indices, b.offsets, b.weights).topk(5, dim=1).indices)
+
+
+@pytest.mark.parametrize("head", ["dense", "gsffi"])
+def test_fused_loss_equals_dense_logits_loss(head):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(50, 300, hidden=16, head=head, fan_in=4, group_size=8))
+    hidden = torch.randn(5, 16)
+    indptr, indices = torch.tensor([0, 2, 2, 5, 6, 7]), torch.tensor([1, 299, 0, 7, 100, 3, 64])
+    loss = fused_bce_loss(model.head, hidden, indptr, indices)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.head.parameters()]
+    model.zero_grad()
+    want = bce_loss(model.head, hidden, indptr, indices)
+    want.backward()
+    assert torch.allclose(loss, want, rtol=1e-5)
+    for g, p in zip(grads, model.head.parameters()):
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_gsffi_head_is_the_module():

@@ -79,6 +79,8 @@ def _add_model_args(p, head=True):
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup", type=int, default=50, help="warmup steps (default 50)")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--loss", choices=["fused", "dense"], default="fused",
+                   help="BCE through the fused op, no B x L logits (default), or over dense logits")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: each epoch)")
     g.add_argument("--eval-points", type=int, default=0, help="evaluate during training on this many test points")
     g.add_argument("--seed", type=int, default=0)
@@ -90,7 +92,7 @@ def _configs(args, train, head):
     mc = ModelConfig(train.num_features, train.num_labels, hidden=args.hidden, dropout=args.dropout, head=head,
                      fan_in=args.fan_in or max(1, args.hidden // 8), group_size=args.group_size)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                     warmup_steps=args.warmup, schedule=args.schedule, eval_every=args.eval_every,
+                     warmup_steps=args.warmup, schedule=args.schedule, loss=args.loss, eval_every=args.eval_every,
                      eval_points=args.eval_points, seed=args.seed, progress=not args.quiet)
     return mc, tc
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import functional as XF
 from . import metrics
 from .data import XMCData, gather_rows
 from .modules import GroupSharedFanIn
@@ -122,20 +123,45 @@ def bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Tensor, 
     return _SparseTargetBCE.apply(logits, rows, label_indices) / hidden.shape[0]
 
 
+def fused_bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Tensor,
+                   label_indices: torch.Tensor) -> torch.Tensor:
+    """bce_loss through the fused loss op, which never builds [B, L] logits: GroupSharedFanIn.loss, and for
+    nn.Linear functional.linear_loss (the same kernels with fan_in = H). Other heads fall back to bce_loss."""
+    if isinstance(head, GroupSharedFanIn):
+        return head.loss(hidden, label_indptr, label_indices)
+    if isinstance(head, nn.Linear):
+        return XF.linear_loss(hidden, head.weight, head.bias, label_indptr, label_indices)
+    return bce_loss(head, hidden, label_indptr, label_indices)
+
+
+LOSSES = {"fused": fused_bce_loss, "dense": bce_loss}
+
+
+def _fused_topk(head: nn.Module, hidden: torch.Tensor, k: int) -> torch.Tensor | None:
+    if isinstance(head, GroupSharedFanIn):
+        return head.topk(hidden, k)[1]
+    if isinstance(head, nn.Linear):
+        return XF.linear_topk(hidden, head.weight, head.bias, k)[1]
+    return None
+
+
 @torch.no_grad()
 def predict_topk(model: XMCModel, data: XMCData, k: int = 5, max_elements: int = 1 << 24,
-                 progress: bool = False) -> torch.Tensor:
-    """int64 [N, k] label ids, best first, in row chunks of at most max_elements logits."""
+                 progress: bool = False, fused: bool = True) -> torch.Tensor:
+    """int64 [N, k] label ids, best first. With fused=True (and a GSFFI or nn.Linear head) through the fused
+    top-k op, in chunks of 4096 rows, without logits; otherwise in row chunks of at most max_elements logits."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
-    chunk = max(1, max_elements // data.num_labels)
+    chunk = 4096 if fused else max(1, max_elements // data.num_labels)
     out = torch.empty(data.num_points, k, dtype=torch.int64)
     for r0 in tqdm(range(0, data.num_points, chunk), desc="predict", leave=False, disable=not progress):
         rows = torch.arange(r0, min(r0 + chunk, data.num_points))
         b = make_batch(data, rows)
-        out[rows] = model(b.indices, b.offsets, b.weights).topk(k, dim=1).indices
+        hidden = model.encoder(b.indices, b.offsets, b.weights)
+        ids = _fused_topk(model.head, hidden, k) if fused else None
+        out[rows] = ids.long() if ids is not None else model.head(hidden).topk(k, dim=1).indices
     model.train(was_training)
     return out
 
@@ -155,6 +181,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     schedule: str = "cosine"  # "cosine", "linear" (decay to 0 after warmup) or "constant"
+    loss: str = "fused"  # "fused" (fused_bce_loss, no [B, L] logits) or "dense" (bce_loss)
     eval_every: int = 0  # steps between evaluations; 0: at the end of every epoch
     eval_points: int = 0  # evaluate on the first n test points (0: all)
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end), needs a checkpoint path
@@ -195,8 +222,10 @@ class Trainer:
     global generator with cfg.seed (the model's initialisation and dropout draw from it).
     """
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, loss_fn=bce_loss):
-        self.model_cfg, self.cfg, self.loss_fn = model_cfg, train_cfg, loss_fn
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig):
+        if train_cfg.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {train_cfg.loss!r}")
+        self.model_cfg, self.cfg, self.loss_fn = model_cfg, train_cfg, LOSSES[train_cfg.loss]
         torch.manual_seed(train_cfg.seed)
         self.model = build_model(model_cfg)
         # fused: one pass over each tensor, ~8x faster than the per-op AdamW on CPU for a large embedding table
@@ -299,11 +328,11 @@ class Trainer:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str, loss_fn=bce_loss, **overrides) -> "Trainer":
+    def load(cls, path: str, **overrides) -> "Trainer":
         """A Trainer in the exact state saved at path (train-config fields can be overridden, e.g. progress)."""
         ck = torch.load(path, map_location="cpu", weights_only=False)
         tc = TrainConfig(**{**ck["train_config"], **overrides})
-        t = cls(ModelConfig(**ck["model_config"]), tc, loss_fn)
+        t = cls(ModelConfig(**ck["model_config"]), tc)
         t.model.load_state_dict(ck["model"])
         t.optimizer.load_state_dict(ck["optimizer"])
         if ck["scheduler"] is not None:
