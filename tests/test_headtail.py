@@ -91,3 +91,30 @@ def test_argument_errors():
     m = HeadTailFanIn(10, 12, 3, 4, head_labels=4)
     with pytest.raises(ValueError, match="permutation"):
         m.set_label_order(torch.zeros(12, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("head_fraction", [0.0, 0.15])
+def test_fused_loss_and_topk_match_the_logits(head_fraction):
+    torch.manual_seed(1)
+    m = HeadTailFanIn.from_counts(torch.randint(0, 30, (60,)), 24, 6, 4, head_fraction=head_fraction,
+                                  head_features=(0, 16), tail_features=(4, 24))
+    x = torch.randn(5, 24, requires_grad=True)
+    indptr = torch.tensor([0, 2, 2, 5, 6, 8])
+    labels = torch.tensor([3, 40, 0, 1, 59, 7, 8, 9])
+    logits = m(x)
+    target = torch.zeros_like(logits)
+    target[torch.repeat_interleave(torch.arange(5), indptr.diff()), labels] = 1
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 5
+    ref.backward()
+    ref_grads = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    fused = m.loss(x, indptr, labels)
+    fused.backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip([x.grad] + [p.grad for p in m.parameters()], ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    scores, ids = m.topk(x.detach(), 7)
+    want = logits.detach().topk(7, dim=1)
+    torch.testing.assert_close(scores, want.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids, want.indices)

@@ -8,6 +8,7 @@ losses or wide intermediate layers that earlier sparse heads needed to stay accu
 import torch
 from torch import nn
 
+from . import functional as XF
 from . import grouping
 from .modules import GroupSharedFanIn
 
@@ -91,9 +92,51 @@ class HeadTailFanIn(nn.Module):
             y = torch.cat([self.head(input[..., h0:h1]), y], dim=-1)
         return y.index_select(-1, self.position)
 
+    def loss(self, input: torch.Tensor, indptr: torch.Tensor, labels: torch.Tensor, loss: str = "bce",
+             reduction: str = "batchmean") -> torch.Tensor:
+        """The loss of this module's logits for input [B, in_features] against CSR positive labels (user label
+        ids), through the fused loss ops of both halves: no [B, out_features] logits. reduction "batchmean" or
+        "sum" (both halves' sums add up to the whole one's)."""
+        if reduction not in ("batchmean", "sum"):
+            raise ValueError(f"reduction must be 'batchmean' or 'sum', got {reduction!r}")
+        pos = self.position[labels.to(self.position.device)]
+        rows = torch.repeat_interleave(torch.arange(indptr.numel() - 1, device=pos.device), indptr.diff().to(pos.device))
+        in_head = pos < self.head_labels
+        t0, t1 = self.tail_features
+        total = self.tail.loss(input[..., t0:t1], *_csr(rows[~in_head], pos[~in_head] - self.head_labels, indptr),
+                               loss=loss, reduction=reduction)
+        if self.head is not None:
+            h0, h1 = self.head_features
+            total = total + XF.linear_loss(input[..., h0:h1], self.head.weight, self.head.bias,
+                                           *_csr(rows[in_head], pos[in_head], indptr), loss=loss, reduction=reduction)
+        return total
+
+    def topk(self, input: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, user label ids) [B, k] of the k highest logits, best first, through the fused top-k ops of
+        both halves: no [B, out_features] logits."""
+        if not 1 <= k <= self.out_features:
+            raise ValueError(f"k must be in [1, out_features = {self.out_features}], got {k}")
+        t0, t1 = self.tail_features
+        scores, ids = self.tail.topk(input[..., t0:t1], min(k, self.tail.out_features))
+        ids = ids.long() + self.head_labels
+        if self.head is not None:
+            h0, h1 = self.head_features
+            hs, hi = XF.linear_topk(input[..., h0:h1], self.head.weight, self.head.bias, min(k, self.head_labels))
+            scores, ids = torch.cat([hs, scores], dim=-1), torch.cat([hi.long(), ids], dim=-1)
+        best = scores.topk(k, dim=-1)
+        return best.values, self.label_order[ids.gather(-1, best.indices)]
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, head_labels={self.head_labels}, "
                 f"head_features={self.head_features}, tail_features={self.tail_features}")
+
+
+def _csr(rows, cols, indptr):
+    """(indptr [B+1], cols) of the entries (rows, cols), rows ascending, of a B-row CSR like indptr."""
+    counts = torch.bincount(rows, minlength=indptr.numel() - 1)
+    out = torch.zeros_like(indptr)
+    torch.cumsum(counts, 0, out=out[1:])
+    return out, cols
 
 
 def _slice(name, value, in_features):
