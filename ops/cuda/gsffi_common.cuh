@@ -63,9 +63,10 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t smem_addr)
                : "r"(smem_addr));
 }
 
-// 16-byte global -> shared copy that bypasses registers; copies zeros when !pred.
-__device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void *gmem, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(pred ? 16 : 0));
+// 16-byte global -> shared copy that bypasses registers: the first src_bytes (0..16) come from gmem, the rest
+// of the 16 are zeros.
+__device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void *gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

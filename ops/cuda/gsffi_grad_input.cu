@@ -175,7 +175,7 @@ template <class T, int KCG>
 __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dx_mma_staged(const T *__restrict__ dy, const T *__restrict__ w, const int32_t *__restrict__ idx,
                   float *__restrict__ part, int64_t B, int H, int64_t L, int F, int G, int64_t n_groups, int nbt,
-                  int hs, int ns, int stage_bytes, bool dy_vec) {
+                  int hs, int ns, int stage_bytes, bool dy_vec, bool dy_ring) {
   extern __shared__ __align__(16) float accs[];
   const int nwarps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
   const int BTB = nwarps * kDxRows;
@@ -184,6 +184,8 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
   constexpr int kRows = 32 * KCG;  // weight rows per stage, zero past the group's end
   const int cpr = F / 8, smask = cpr % 8 == 0 ? 7 : 0;
+  const int cpr_shift = (cpr & (cpr - 1)) == 0 ? __ffs(cpr) - 1 : -1;  // a shift, not a division, per chunk
+  const int dy_off = kRows * F * 2 + F * 4;  // grad_y tile after weights and ids (dy_ring only)
 
   const int bt = blockIdx.x % nbt, c = blockIdx.x / nbt, chunks = gridDim.x / nbt;
   const int64_t brow = (int64_t)bt * BTB, b0 = brow + warp * kDxRows, row = b0 + r4;
@@ -197,12 +199,21 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
       const int64_t lg = g * G;
       const int nval = (int)(xmin<int64_t>(lg + G, L) - lg);
       for (int e = threadIdx.x; e < kRows * cpr; e += blockDim.x) {
-        const int r = e / cpr, col = e - r * cpr;
+        const int r = cpr_shift >= 0 ? e >> cpr_shift : e / cpr, col = e - r * cpr;
         const bool ok = r < nval;
-        cp_async16(sb + r * F * 2 + ((col ^ stage_swz(r, smask)) << 4), ok ? w + (lg + r) * F + col * 8 : w, ok);
+        cp_async16(sb + r * F * 2 + ((col ^ stage_swz(r, smask)) << 4), ok ? w + (lg + r) * F + col * 8 : w,
+                   ok ? 16 : 0);
       }
       for (int e = threadIdx.x; e < F / 4; e += blockDim.x)
-        cp_async16(sb + kRows * F * 2 + e * 16, idx + g * F + e * 4, true);
+        cp_async16(sb + kRows * F * 2 + e * 16, idx + g * F + e * 4, 16);
+      if (dy_ring) {  // the block's grad_y rows of this group: kRows labels each, zeros past the group or batch
+        for (int e = threadIdx.x; e < BTB * (kRows / 8); e += blockDim.x) {
+          const int r = e / (kRows / 8), c8 = e - r * (kRows / 8);
+          const int64_t l = lg + 8 * c8;
+          const int n = (brow + r < B) ? (int)xmax<int64_t>(0, xmin<int64_t>(8, lg + nval - l)) : 0;
+          cp_async16(sb + dy_off + r * kRows * 2 + c8 * 16, n > 0 ? dy + (brow + r) * L + l : dy, 2 * n);
+        }
+      }
     }
     cp_async_commit();
   };
@@ -211,7 +222,8 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
 #pragma unroll
     for (int kc = 0; kc < KCG; ++kc) {
       const int64_t l = lg + kc * 32 + 8 * q;
-      d[kc] = row_ok && g < g_end ? load_elems<8>(dy + row * L + l, lend - l, dy_vec) : make_uint4(0, 0, 0, 0);
+      d[kc] = !dy_ring && row_ok && g < g_end ? load_elems<8>(dy + row * L + l, lend - l, dy_vec)
+                                              : make_uint4(0, 0, 0, 0);
     }
   };
 
@@ -220,18 +232,35 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   load_dy(dyn, g_begin);
   // ldmatrix.x4.trans: lane 8i + r gives label row r of matrix i; i & 1 is the k half, i >> 1 the tile of a pair.
   const int mi = lane >> 3, rr = lane & 7;
-  for (int64_t g = g_begin; g < g_end; ++g) {
-    const int64_t i = g - g_begin;
+  uint32_t lrow_off[KCG][2];  // this lane's ldmatrix row (a weight label) and its swizzle, the same every group
+  int lrow_swz[KCG][2];
+#pragma unroll
+  for (int kc = 0; kc < KCG; ++kc)
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int lrow = kc * 32 + 8 * (rr >> 1) + 4 * s + 2 * (mi & 1) + (rr & 1);
+      lrow_off[kc][s] = lrow * F * 2;
+      lrow_swz[kc][s] = stage_swz(lrow, smask);
+    }
+  // Ring slots counted in int: a 64-bit % by a run-time ns is a ~70-instruction call, three times per group.
+  int slot = 0, slot_next = ns - 1;
+  for (int64_t g = g_begin; g < g_end; ++g, slot = slot + 1 == ns ? 0 : slot + 1,
+               slot_next = slot_next + 1 == ns ? 0 : slot_next + 1) {
     if (ns == 2) cp_async_wait<0>(); else if (ns == 3) cp_async_wait<1>(); else cp_async_wait<2>();
     __syncthreads();  // stage i is in; every warp is done with the stage that the next issue overwrites
-    issue(g + ns - 1, (int)((i + ns - 1) % ns));
+    issue(g + ns - 1, slot_next);
     uint4 dyc[KCG];
 #pragma unroll
     for (int kc = 0; kc < KCG; ++kc) dyc[kc] = dyn[kc];
     load_dy(dyn, g + 1);
     if (b0 >= B) continue;
-    const uint32_t sb = ring_s + (uint32_t)(i % ns) * stage_bytes;
-    const int *ids = reinterpret_cast<const int *>(ring + (i % ns) * stage_bytes + kRows * F * 2);
+    const uint32_t sb = ring_s + (uint32_t)(slot * stage_bytes);
+    if (dy_ring) {
+      const unsigned char *dt = ring + slot * stage_bytes + dy_off + (warp * kDxRows + r4) * kRows * 2;
+#pragma unroll
+      for (int kc = 0; kc < KCG; ++kc) dyc[kc] = *reinterpret_cast<const uint4 *>(dt + (kc * 32 + 8 * q) * 2);
+    }
+    const int *ids = reinterpret_cast<const int *>(ring + slot * stage_bytes + kRows * F * 2);
     for (int fc = 0; fc * 64 < F; ++fc) {
       float acc[8][4];
 #pragma unroll
@@ -241,9 +270,8 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
           const uint32_t a[4] = {word(dyc[kc], 2 * s), 0u, word(dyc[kc], 2 * s + 1), 0u};
-          const int lrow = kc * 32 + 8 * (rr >> 1) + 4 * s + 2 * (mi & 1) + (rr & 1);
-          const int sw = stage_swz(lrow, smask);
-          const uint32_t rbase = sb + lrow * F * 2;
+          const int sw = lrow_swz[kc][s];
+          const uint32_t rbase = sb + lrow_off[kc][s];
 #pragma unroll
           for (int p = 0; p < 4; ++p) {
             const int tile = fc * 8 + 2 * p;
@@ -366,7 +394,7 @@ int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32
 
 template <class T, int KCG>
 int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
-                      int nwarps, int ns, int stage_bytes) {
+                      int nwarps, int ns, int stage_bytes, bool dy_ring) {
   const int hs = (int)acc_stride(s.in_features);
   const size_t smem = (size_t)nwarps * kDxRows * hs * sizeof(float) + (size_t)ns * stage_bytes;
   auto kernel = dx_mma_staged<T, KCG>;
@@ -386,7 +414,7 @@ int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const in
   kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
                                                               (int)s.in_features, s.out_features, (int)s.fan_in,
                                                               (int)s.group_size, n_groups, nbt, hs, ns, stage_bytes,
-                                                              dy_vec);
+                                                              dy_vec, dy_ring);
   int rc = last_error();
   if (rc == 0) rc = reduce<T, float>(part, chunks, n, gx, st);
   cudaFreeAsync(part, st);
@@ -402,14 +430,21 @@ int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int3
   const bool ok = nwarps >= 1 && s.fan_in % 8 == 0 && s.group_size <= 128 && (uintptr_t)w % 16 == 0;
   if (!ok) return grad_input_generic<T>(s, dy, w, idx, gx, st);
   const int kcg = (int)((s.group_size + 31) / 32);
-  // Weight ring beside the accumulators: 2 to 4 stages of 32 KCG weight rows and F feature ids.
-  const int stage_bytes = (int)(32 * (kcg == 3 ? 4 : kcg) * s.fan_in * 2 + s.fan_in * 4 + 15) / 16 * 16;
+  // Ring beside the accumulators: 2 to 4 stages of 32 KCG weight rows and F feature ids, plus, where 3 or more
+  // stages still fit, the block's grad_y tile: then grad_y, the largest stream, has 2-3 groups in flight
+  // per block instead of one per warp (Little's law: one group in flight held grad_input to ~0.35 TB/s).
+  const int rows_w = 32 * (kcg == 3 ? 4 : kcg);
+  const int stage_w = (int)(rows_w * s.fan_in * 2 + s.fan_in * 4);
+  const int stage_dy = (int)(stage_w + nwarps * kDxRows * rows_w * 2);
   const int64_t spare = smem_optin() - (int64_t)nwarps * kDxRows * acc_stride(s.in_features) * (int64_t)sizeof(float);
+  const bool dy_ok = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0;
+  const bool dy_ring = dy_ok && spare / stage_dy >= 3;
+  const int stage_bytes = ((dy_ring ? stage_dy : stage_w) + 15) / 16 * 16;
   const int ns = (int)xmin<int64_t>(4, spare / stage_bytes);
   if (ns >= 2 && (uintptr_t)idx % 16 == 0) {
-    if (kcg == 1) return grad_input_staged<T, 1>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes);
-    if (kcg == 2) return grad_input_staged<T, 2>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes);
-    return grad_input_staged<T, 4>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes);
+    if (kcg == 1) return grad_input_staged<T, 1>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes, dy_ring);
+    if (kcg == 2) return grad_input_staged<T, 2>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes, dy_ring);
+    return grad_input_staged<T, 4>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes, dy_ring);
   }
   if (kcg == 1) return grad_input_mma<T, 1>(s, dy, w, idx, gx, st, nwarps);
   if (kcg == 2) return grad_input_mma<T, 2>(s, dy, w, idx, gx, st, nwarps);

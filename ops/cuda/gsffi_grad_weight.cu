@@ -57,29 +57,39 @@ __global__ void __launch_bounds__(kDwThreads, 1)
 #pragma unroll
       for (int nt = 0; nt < NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
 
-#pragma unroll 2
-    for (int64_t kb = 0; kb < B; kb += 32) {
-      uint4 d[8];
+    // Chunk kb + 32's loads are issued before chunk kb's arithmetic (two register stages), so each warp
+    // keeps two chunks of grad_y and gathered x in flight: the kernel waited on load latency before.
+    uint4 d[2][8], xv[2][NTW];
+    auto load_chunk = [&](uint4 dd[8], uint4 xx[NTW], int64_t kb) {
 #pragma unroll
       for (int v = 0; v < 8; ++v) {
         const int64_t b = kb + 8 * q + v;
-        d[v] = b < B ? load_elems<LW>(dy + b * L + lane_l, lend - lane_l, dy_vec) : make_uint4(0, 0, 0, 0);
+        dd[v] = b < B ? load_elems<LW>(dy + b * L + lane_l, lend - lane_l, dy_vec) : make_uint4(0, 0, 0, 0);
       }
-      uint4 xv[NTW];
 #pragma unroll
-      for (int nt = 0; nt < NTW; ++nt) xv[nt] = xrow[nt] != nullptr ? ldg16(xrow[nt] + kb) : make_uint4(0, 0, 0, 0);
+      for (int nt = 0; nt < NTW; ++nt)
+        xx[nt] = xrow[nt] != nullptr && kb < B ? ldg16(xrow[nt] + kb) : make_uint4(0, 0, 0, 0);
+    };
+    auto mma_chunk = [&](const uint4 dd[8], const uint4 xx[NTW]) {
 #pragma unroll
       for (int s = 0; s < 2; ++s)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           // row m = r4 is label LW r4 + 2 mt (low halves), m + 8 the next label (high halves)
-          const uint32_t a[4] = {halves(word(d[4 * s], mt), word(d[4 * s + 1], mt), false),
-                                 halves(word(d[4 * s], mt), word(d[4 * s + 1], mt), true),
-                                 halves(word(d[4 * s + 2], mt), word(d[4 * s + 3], mt), false),
-                                 halves(word(d[4 * s + 2], mt), word(d[4 * s + 3], mt), true)};
+          const uint32_t a[4] = {halves(word(dd[4 * s], mt), word(dd[4 * s + 1], mt), false),
+                                 halves(word(dd[4 * s], mt), word(dd[4 * s + 1], mt), true),
+                                 halves(word(dd[4 * s + 2], mt), word(dd[4 * s + 3], mt), false),
+                                 halves(word(dd[4 * s + 2], mt), word(dd[4 * s + 3], mt), true)};
 #pragma unroll
-          for (int nt = 0; nt < NTW; ++nt) mma16816(T(), acc[mt][nt], a, word(xv[nt], 2 * s), word(xv[nt], 2 * s + 1));
+          for (int nt = 0; nt < NTW; ++nt) mma16816(T(), acc[mt][nt], a, word(xx[nt], 2 * s), word(xx[nt], 2 * s + 1));
         }
+    };
+    load_chunk(d[0], xv[0], 0);
+    for (int64_t kb = 0; kb < B; kb += 64) {
+      load_chunk(d[1], xv[1], kb + 32);
+      mma_chunk(d[0], xv[0]);
+      if (kb + 64 < B) load_chunk(d[0], xv[0], kb + 64);
+      if (kb + 32 < B) mma_chunk(d[1], xv[1]);
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
