@@ -1,0 +1,118 @@
+"""CUDA-only checks of the GSFFI kernels: the tensor-core paths (bf16/fp16) against a float64 reference on shapes
+that reach each variant, bitwise determinism, every output element written, and misaligned inputs (fallbacks).
+Skipped where torch has no GPU or the CUDA kernels were not built."""
+import pytest
+import torch
+
+import torch_xmc
+from torch_xmc import functional as XF
+
+OP = torch.ops.torch_xmc.gsffi_forward
+BWD = torch.ops.torch_xmc.gsffi_backward
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("torch_xmc::gsffi_forward",
+                                                                                       "CUDA")),
+    reason="needs a GPU and the CUDA kernels",
+)
+
+# (B, H, L, F, G): every fast-path template (G 8/16/32/64/128, F 8..256), L not a multiple of G, B = 1,
+# B beyond one batch tile (128 rows), H too large for the shared-memory tile (generic path), odd G.
+SHAPES = [
+    (1, 768, 1000, 64, 32),
+    (17, 768, 4099, 64, 32),
+    (130, 96, 999, 24, 8),
+    (64, 768, 3000, 64, 16),
+    (257, 768, 5003, 128, 64),
+    (100, 512, 2000, 256, 8),
+    (40, 300, 1001, 8, 128),
+    (129, 1000, 2048, 96, 40),
+    (33, 200, 777, 40, 12),
+    (300, 9000, 300, 64, 32),
+    (9, 64, 50, 64, 7),
+]
+# Relative error (norm) against float64 that each dtype's rounding of the outputs allows.
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def reference(x, w, idx, b, G):
+    L = w.shape[0]
+    xg = x.double()[:, idx.long()[torch.arange(L, device=x.device) // G]]
+    y = torch.einsum("blf,lf->bl", xg, w.double())
+    return y + b.double() if b is not None else y
+
+
+def ref_grads(x, w, idx, b, G, gy):
+    x, w, b = (t.double().requires_grad_() for t in (x, w, b))
+    reference(x, w, idx, b, G).backward(gy.double())
+    return x.grad, w.grad, b.grad
+
+
+def rel(a, r):
+    return ((a.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+def make(B, H, L, F, G, dtype):
+    x = torch.randn(B, H, device="cuda", dtype=dtype)
+    w = torch.randn(L, F, device="cuda", dtype=dtype)
+    idx = torch_xmc.random_indices(XF.num_groups(L, G), H, F).cuda()
+    b = torch.randn(L, device="cuda", dtype=dtype)
+    return x, w, idx, b
+
+
+def poison_next_allocation(n_bytes):
+    torch.full((n_bytes // 4 + 1024,), float("nan"), device="cuda")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_matches_float64_reference(shape, dtype):
+    B, H, L, F, G = shape
+    x, w, idx, b = make(B, H, L, F, G, dtype)
+    gy = torch.randn(B, L, device="cuda", dtype=dtype)
+    poison_next_allocation(B * L * 8)
+    y = OP(x, w, idx, b, G)
+    poison_next_allocation((B * H + L * F) * 8)
+    gx, gw, gb = BWD(gy, x, w, idx, G, [True, True, True])
+    rx, rw, rb = ref_grads(x, w, idx, b, G, gy)
+    for out, ref in ((y, reference(x, w, idx, b, G)), (gx, rx), (gw, rw), (gb, rb)):
+        assert torch.isfinite(out).all()
+        assert rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("shape", [(256, 768, 20000, 64, 32), (70, 768, 9000, 128, 64)])
+def test_bitwise_deterministic(shape):
+    B, H, L, F, G = shape
+    x, w, idx, b = make(B, H, L, F, G, torch.bfloat16)
+    gy = torch.randn(B, L, device="cuda", dtype=torch.bfloat16)
+    first = [OP(x, w, idx, b, G), *BWD(gy, x, w, idx, G, [True, True, True])]
+    for _ in range(2):
+        again = [OP(x, w, idx, b, G), *BWD(gy, x, w, idx, G, [True, True, True])]
+        assert all(torch.equal(a, c) for a, c in zip(first, again))
+
+
+def test_misaligned_inputs_take_the_fallbacks():
+    """Views with an odd storage offset cannot use 16-byte loads; results must not change."""
+    B, H, L, F, G = 33, 128, 515, 64, 32
+    x, w, idx, b = make(B, H, L, F, G, torch.bfloat16)
+    wbig = torch.empty(L * F + 1, device="cuda", dtype=torch.bfloat16)
+    wmis = wbig[1:].view(L, F)
+    wmis.copy_(w)
+    gy = torch.randn(B, L, device="cuda", dtype=torch.bfloat16)
+    assert rel(OP(x, wmis, idx, b, G), reference(x, w, idx, b, G)) < TOL[torch.bfloat16]
+    rx, rw, _ = ref_grads(x, w, idx, b, G, gy)
+    gx, gw, _ = BWD(gy, x, wmis, idx, G, [True, True, False])
+    assert rel(gx, rx) < TOL[torch.bfloat16] and rel(gw, rw) < TOL[torch.bfloat16]
+
+
+def test_batch_times_labels_beyond_int32():
+    """B * L > 2^31: rows and labels at the far end of the output are right."""
+    B, H, L, F, G = 800, 768, 2_800_000, 16, 32
+    if torch.cuda.get_device_properties(0).total_memory < 24 << 30:
+        pytest.skip("needs ~10 GB of GPU memory")
+    x, w, idx, _ = make(B, H, L, F, G, torch.bfloat16)
+    y = OP(x, w, idx, None, G)
+    rows = torch.tensor([0, B - 1], device="cuda")
+    labels = torch.arange(L - 64, L, device="cuda")
+    ref = (x[rows].double()[:, idx.long()[labels // G]] * w[labels].double()).sum(-1)
+    assert rel(y[rows][:, labels], ref) < 1e-2
