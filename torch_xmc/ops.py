@@ -85,7 +85,11 @@ def _gsffi_topk_fake(x, weight, indices, bias, group_size, k):
 
 
 def _fused_loss_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
+    grads = output[1:]
+    ctx.save_for_backward(*grads)
+    # the returned gradients are not differentiable: autograd then neither tracks them nor materialises a zero
+    # incoming gradient of each (one of which would be weight-sized) for the backward
+    ctx.mark_non_differentiable(*(g for g in grads if g is not None))
 
 
 def _fused_loss_backward(ctx, grad_loss, *_):
