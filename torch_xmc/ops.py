@@ -87,9 +87,10 @@ def _gsffi_topk_fake(x, weight, indices, bias, group_size, k):
 def _fused_loss_setup_context(ctx, inputs, output):
     grads = output[1:]
     ctx.save_for_backward(*grads)
-    # the returned gradients are not differentiable: autograd then neither tracks them nor materialises a zero
-    # incoming gradient of each (one of which would be weight-sized) for the backward
+    # The returned gradients are not differentiable; their incoming gradients stay None instead of being
+    # materialised as zeros (one of them weight-sized, costing memory and a fill per step).
     ctx.mark_non_differentiable(*(g for g in grads if g is not None))
+    ctx.set_materialize_grads(False)
 
 
 def _fused_loss_backward(ctx, grad_loss, *_):
