@@ -118,3 +118,18 @@ def test_fused_loss_and_topk_match_the_logits(head_fraction):
     want = logits.detach().topk(7, dim=1)
     torch.testing.assert_close(scores, want.values, rtol=1e-5, atol=1e-5)
     assert torch.equal(ids, want.indices)
+
+
+def test_order_labels_from_data():
+    from torch_xmc.data import SyntheticSpec, synthetic
+
+    data = synthetic(500, SyntheticSpec(num_features=300, num_labels=64), seed=2)
+    m = HeadTailFanIn(16, 64, 4, 8, head_labels=8)
+    m.order_labels(data, "frequency")
+    counts = data.label_counts()
+    assert torch.equal(counts[m.label_order], counts.sort(descending=True, stable=True).values)
+    m.order_labels(data, "semantic")
+    assert set(m.label_order[:8].tolist()) == set(counts.sort(descending=True, stable=True).indices[:8].tolist())
+    assert sorted(m.label_order.tolist()) == list(range(64))
+    with pytest.raises(ValueError, match="grouping must be"):
+        m.order_labels(data, "random")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as XF
-from . import grouping
+from . import grouping as _grouping
 from .modules import GroupSharedFanIn
 
 
@@ -61,17 +61,27 @@ class HeadTailFanIn(nn.Module):
         group's features from its embedding mass instead of at random."""
         L = label_counts.numel()
         n_head = head_size(L, head_fraction, group_size)
-        order = grouping.frequency_order(label_counts)
-        if tail_embeddings is not None:
-            tail = order[n_head:]
-            order = torch.cat([order[:n_head], tail[grouping.balanced_order(tail_embeddings[tail], group_size,
-                                                                              seed=seed)]])
+        order = ordered_labels(label_counts, n_head, group_size, tail_embeddings, seed)
         layer = cls(in_features, L, fan_in, group_size, n_head, label_order=order, **kwargs)
         if index_embeddings is not None:
-            idx = grouping.indices_from_embeddings(index_embeddings[order[n_head:]], group_size, fan_in)
+            idx = _grouping.indices_from_embeddings(index_embeddings[order[n_head:]], group_size, fan_in)
             with torch.no_grad():
                 layer.tail.indices.copy_(idx)
         return layer
+
+    @torch.no_grad()
+    def order_labels(self, train, grouping: str = "frequency", seed: int = 0) -> None:
+        """Set the label order from training data: head = the most frequent labels, tail in "frequency" order or
+        in "semantic" clusters of the labels' PIFA embeddings (``grouping.pifa``, projected to 256 dimensions
+        when the data has more features); "none" keeps the current order."""
+        if grouping == "none":
+            return
+        if grouping not in ("frequency", "semantic"):
+            raise ValueError(f"grouping must be 'none', 'frequency' or 'semantic', got {grouping!r}")
+        emb = None
+        if grouping == "semantic":
+            emb = _grouping.pifa(train, dim=256 if train.num_features > 4096 else None, seed=seed)
+        self.set_label_order(ordered_labels(train.label_counts(), self.head_labels, self.tail.group_size, emb, seed))
 
     @torch.no_grad()
     def set_label_order(self, label_order: torch.Tensor) -> None:
@@ -129,6 +139,17 @@ class HeadTailFanIn(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, head_labels={self.head_labels}, "
                 f"head_features={self.head_features}, tail_features={self.tail_features}")
+
+
+def ordered_labels(label_counts: torch.Tensor, head_labels: int, group_size: int,
+                   tail_embeddings: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """int64 [L]: the head_labels most frequent labels, then the rest in frequency order, or in balanced semantic
+    clusters of tail_embeddings [L, D] when given."""
+    order = _grouping.frequency_order(label_counts)
+    if tail_embeddings is None:
+        return order
+    tail = order[head_labels:]
+    return torch.cat([order[:head_labels], tail[_grouping.balanced_order(tail_embeddings[tail], group_size, seed=seed)]])
 
 
 def _csr(rows, cols, indptr):
