@@ -97,6 +97,8 @@ def _fused_loss_backward(ctx, grad_loss, *_):
     # The op already returned d loss / d (x, weight, bias); the chain rule only scales them. For the usual
     # loss.backward() (grad_loss = 1 in a plain eager CPU tensor: reading it costs no device sync and no tracing
     # guard) they are passed on as they are, saving a parameter-sized copy of the weight gradient.
+    if grad_loss is None:  # not materialised (see set_materialize_grads above): the loss got no gradient
+        return None, None, None, None, None, None, None, None, None, None
     saved = ctx.saved_tensors
     eager_one = (type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
                  and grad_loss.device.type == "cpu" and bool(grad_loss == 1))
