@@ -222,6 +222,40 @@ def test_loss_deterministic(B, device):
             assert torch.equal(a, c)
 
 
+def test_loss_and_topk_do_not_depend_on_the_thread_count():
+    """The loss is summed per group in label order and top-k is a total order: both are bitwise the same for any
+    thread count (the input gradient is deterministic per thread count)."""
+    x, w, idx, b = make(40, 64, 700, 8, 16, "cpu", torch.float32)
+    indptr, labels = random_targets(40, 700, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append((LOSS(x, w, idx, b, 16, indptr, labels, [False, True, True]),
+                            XF.gsffi_topk(x, w, idx, b, 16, 7)))
+    finally:
+        torch.set_num_threads(threads)
+    for (loss, topk), (loss0, topk0) in zip(results[1:], results[:1] * 2):
+        for a, c in zip((*loss, *topk), (*loss0, *topk0)):
+            if a is not None:
+                assert torch.equal(a, c)
+
+
+def test_loss_under_autocast(device):
+    layer = GroupSharedFanIn(32, 40, 8, 4, device=device)
+    x = torch.randn(6, 32, device=device)
+    indptr, labels = random_targets(6, 40, device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        loss = layer.loss(x, indptr, labels)
+    assert loss.dtype == torch.bfloat16
+    loss.backward()
+    assert layer.weight.grad.dtype == torch.float32
+    exact = unfused(layer.indices, 4, indptr, labels)(x.double(), layer.weight.detach().double(),
+                                                      layer.bias.detach().double())
+    assert rel_err(loss, exact) < 2e-2
+
+
 def test_module_loss_and_topk_train_under_torch_compile(device):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), GroupSharedFanIn(32, 50, 8, 6)).to(device)
