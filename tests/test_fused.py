@@ -379,7 +379,7 @@ def test_dense_head_through_the_fused_ops(device):
         rs, ri = lin(x).topk(5)
         assert torch.equal(ids, ri)
         torch.testing.assert_close(scores, rs)
-    assert XF.dense_indices(H, L, 64).shape == (3, H)
+    assert XF.dense_indices(H, L, 64).shape == (3, H) and XF.dense_indices(H, L).shape == (1, H)
 
 
 # ---- memory: nothing proportional to B x L ----

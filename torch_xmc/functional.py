@@ -132,7 +132,10 @@ def gsffi_topk(
     return ops.gsffi_topk(input, weight, indices, bias, group_size, k)
 
 
-DENSE_GROUP_SIZE = 64  # labels per group when a dense head runs through the GSFFI kernels
+# Labels per group when a dense head runs through the GSFFI kernels. Every group reads all inputs, so a wide group
+# costs nothing in the kernels (they take a group in blocks of at most 64 labels) and keeps the [L / G, H] index
+# table small.
+DENSE_GROUP_SIZE = 256
 
 
 def dense_indices(in_features: int, out_features: int, group_size: int = DENSE_GROUP_SIZE,
