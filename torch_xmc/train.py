@@ -14,7 +14,9 @@ from torch import nn
 from . import functional as XF
 from . import metrics
 from .data import XMCData, gather_rows
+from .headtail import HeadTailFanIn, head_size
 from .modules import GroupSharedFanIn
+from .rewire import Rewirer
 
 
 class BowEncoder(nn.Module):
@@ -44,6 +46,8 @@ class ModelConfig:
     head: str = "dense"  # "dense" (nn.Linear) or "gsffi" (GroupSharedFanIn)
     fan_in: int = 64
     group_size: int = 32
+    head_fraction: float = 0.05  # "headtail": share of the labels (the most frequent) in the dense head
+    grouping: str = "none"  # GSFFI label order: "none" (user order), "frequency" or "semantic" (set in fit)
 
 
 class XMCModel(nn.Module):
@@ -62,9 +66,17 @@ def build_model(cfg: ModelConfig) -> XMCModel:
         head = nn.Linear(cfg.hidden, cfg.num_labels)
     elif cfg.head == "gsffi":
         head = GroupSharedFanIn(cfg.hidden, cfg.num_labels, cfg.fan_in, cfg.group_size)
+    elif cfg.head == "headtail":
+        head = HeadTailFanIn(cfg.hidden, cfg.num_labels, cfg.fan_in, cfg.group_size,
+                             head_size(cfg.num_labels, cfg.head_fraction, cfg.group_size))
     else:
-        raise ValueError(f"head must be 'dense' or 'gsffi', got {cfg.head!r}")
-    if head.bias is not None:
+        raise ValueError(f"head must be 'dense', 'gsffi' or 'headtail', got {cfg.head!r}")
+    if cfg.head == "gsffi" and cfg.grouping != "none":  # a label order needs the head/tail module, with no head
+        head = HeadTailFanIn(cfg.hidden, cfg.num_labels, cfg.fan_in, cfg.group_size, 0)
+    for layer in (head.head, head.tail) if isinstance(head, HeadTailFanIn) else ():
+        if layer is not None and layer.bias is not None:
+            nn.init.constant_(layer.bias, -math.log(cfg.num_labels))
+    if getattr(head, "bias", None) is not None:
         # start every label at a prior of ~1/L: with bias 0 the summed BCE begins at L ln 2 per row and the
         # first epochs go into pushing all logits down (measured: synthetic 20k labels, P@1 13 -> 82 at 3 epochs)
         nn.init.constant_(head.bias, -math.log(cfg.num_labels))
@@ -127,7 +139,7 @@ def fused_bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Te
                    label_indices: torch.Tensor) -> torch.Tensor:
     """bce_loss through the fused loss op, which never builds [B, L] logits: GroupSharedFanIn.loss, and for
     nn.Linear functional.linear_loss (the same kernels with fan_in = H). Other heads fall back to bce_loss."""
-    if isinstance(head, GroupSharedFanIn):
+    if isinstance(head, (GroupSharedFanIn, HeadTailFanIn)):
         return head.loss(hidden, label_indptr, label_indices)
     if isinstance(head, nn.Linear):
         return XF.linear_loss(hidden, head.weight, head.bias, label_indptr, label_indices)
@@ -138,7 +150,7 @@ LOSSES = {"fused": fused_bce_loss, "dense": bce_loss}
 
 
 def _fused_topk(head: nn.Module, hidden: torch.Tensor, k: int) -> torch.Tensor | None:
-    if isinstance(head, GroupSharedFanIn):
+    if isinstance(head, (GroupSharedFanIn, HeadTailFanIn)):
         return head.topk(hidden, k)[1]
     if isinstance(head, nn.Linear):
         return XF.linear_topk(hidden, head.weight, head.bias, k)[1]
@@ -187,6 +199,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end), needs a checkpoint path
     seed: int = 0
     progress: bool = True
+    rewire_interval: int = 0  # GSFFI heads: steps between rewirings (0: static), see torch_xmc.rewire
+    rewire_fraction: float = 0.2  # share of connections rewired at the first rewiring, cosine-decayed to 0
+    rewire_end: float = 2 / 3  # share of the training steps after which the connections stay fixed
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):
@@ -232,6 +247,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                                            fused=True)
         self.scheduler = None  # needs the step count, known in fit
+        self.rewirer, self._pending_rewirer = None, None  # likewise (cfg.rewire_interval > 0)
         self._pending = None  # optimizer and scheduler states of a checkpoint, applied in fit
         self.step = 0
         self.history: list = []
@@ -257,6 +273,17 @@ class Trainer:
         n, bs = train.num_points, self.cfg.batch_size
         per_epoch = math.ceil(n / bs)
         total = max(1, round(self.cfg.epochs * per_epoch))
+        head = self.model.head
+        if self.step == 0 and isinstance(head, HeadTailFanIn):  # label order (and head labels) from the data
+            head.order_labels(train, self.model_cfg.grouping if self.model_cfg.grouping != "none" else "frequency",
+                              self.cfg.seed)
+        if self.scheduler is None and self.cfg.rewire_interval:
+            layer = head.tail if isinstance(head, HeadTailFanIn) else head
+            self.rewirer = Rewirer(layer, self.optimizer, interval=self.cfg.rewire_interval,
+                                   end=int(self.cfg.rewire_end * total), fraction=self.cfg.rewire_fraction,
+                                   seed=self.cfg.seed)
+            if self._pending_rewirer is not None:
+                self.rewirer.load_state_dict(self._pending_rewirer)
         if self.scheduler is None:
             self._make_scheduler(total)
             if self._pending is not None:  # resumed: restore after the scheduler has set its initial lr
@@ -285,6 +312,8 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
+            if self.rewirer is not None:
+                self.rewirer.step()
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
             self._loss_sum, self._loss_n = self._loss_sum + loss.item(), self._loss_n + 1
@@ -319,6 +348,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "loss_since_eval": (self._loss_sum, self._loss_n),
             "extra": self.extra,
+            "rewirer": None if self.rewirer is None else self.rewirer.state_dict(),
         }
 
     def save(self, path: str) -> None:
@@ -340,6 +370,7 @@ class Trainer:
             t._pending = {"optimizer": ck["optimizer"], "scheduler": ck["scheduler"]}
         t.step, t.history, t.train_seconds, t.extra = ck["step"], ck["history"], ck["train_seconds"], ck["extra"]
         t._loss_sum, t._loss_n = ck["loss_since_eval"]
+        t._pending_rewirer = ck.get("rewirer")
         torch.set_rng_state(ck["rng"])
         return t
 
