@@ -68,11 +68,21 @@ def _add_data_args(p):
 def _add_model_args(p, head=True):
     g = p.add_argument_group("model and training")
     if head:
-        g.add_argument("--head", choices=["dense", "gsffi"], default="gsffi", help="classifier head (default gsffi)")
+        g.add_argument("--head", choices=["dense", "gsffi", "headtail"], default="gsffi",
+                       help="classifier head (default gsffi); headtail: dense head for the most frequent labels + GSFFI tail")
     g.add_argument("--hidden", type=int, default=256, help="encoder width H (default 256)")
     g.add_argument("--dropout", type=float, default=0.3)
     g.add_argument("--fan-in", type=int, default=None, help="GSFFI inputs per group F (default H/8)")
     g.add_argument("--group-size", type=int, default=32, help="GSFFI labels per group G (default 32)")
+    g.add_argument("--head-fraction", type=float, default=0.05,
+                   help="headtail: share of the labels in the dense head, rounded to groups (default 0.05)")
+    g.add_argument("--grouping", choices=["none", "frequency", "semantic"], default="none",
+                   help="GSFFI label groups: user order, frequency order, or balanced PIFA clusters (default none; "
+                        "headtail: frequency)")
+    g.add_argument("--rewire-interval", type=int, default=0,
+                   help="GSFFI: steps between rewirings of the connections (default 0: static)")
+    g.add_argument("--rewire-fraction", type=float, default=0.2,
+                   help="share of connections rewired first, cosine-decayed to 0 at 2/3 of training (default 0.2)")
     g.add_argument("--epochs", type=float, default=2)
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--lr", type=float, default=1e-2)
@@ -90,11 +100,32 @@ def _add_model_args(p, head=True):
 
 def _configs(args, train, head):
     mc = ModelConfig(train.num_features, train.num_labels, hidden=args.hidden, dropout=args.dropout, head=head,
-                     fan_in=args.fan_in or max(1, args.hidden // 8), group_size=args.group_size)
+                     fan_in=args.fan_in or max(1, args.hidden // 8), group_size=args.group_size,
+                     head_fraction=args.head_fraction, grouping=args.grouping)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      warmup_steps=args.warmup, schedule=args.schedule, loss=args.loss, eval_every=args.eval_every,
-                     eval_points=args.eval_points, seed=args.seed, progress=not args.quiet)
+                     eval_points=args.eval_points, seed=args.seed, progress=not args.quiet,
+                     rewire_interval=args.rewire_interval, rewire_fraction=args.rewire_fraction)
     return mc, tc
+
+
+REWIRE_INTERVAL = 25  # steps between rewirings when a compare spec asks for "+rewire" without --rewire-interval
+
+
+def _head_spec(args, train, spec):
+    """(head, ModelConfig, TrainConfig) of a compare entry: a head, optionally with "+" modifiers: frequency,
+    semantic (grouping) and rewire, e.g. "gsffi+semantic+rewire" or "headtail+rewire"."""
+    head, *mods = spec.split("+")
+    unknown = set(mods) - {"frequency", "semantic", "rewire"}
+    if head not in ("dense", "gsffi", "headtail") or unknown or (head == "dense" and mods):
+        raise SystemExit(f"--heads: {spec!r} is not a head (dense, gsffi, headtail) with modifiers among "
+                         "+frequency, +semantic, +rewire (GSFFI heads only)")
+    mc, tc = _configs(args, train, head)
+    grouping = next((m for m in mods if m in ("frequency", "semantic")), mc.grouping)
+    mc = replace(mc, grouping=grouping)
+    if "rewire" in mods:
+        tc = replace(tc, rewire_interval=args.rewire_interval or REWIRE_INTERVAL)
+    return head, mc, tc
 
 
 def _print_metrics(m):
@@ -146,9 +177,9 @@ def cmd_compare(args):
     train, test, inv_prop, source = load_data(args)
     print(_describe(source, train, test))
     rows = []
-    for head in args.heads.split(","):
-        mc, tc = _configs(args, train, head)
-        label = "dense" if head == "dense" else f"gsffi F={mc.fan_in} G={mc.group_size}"
+    for spec in args.heads.split(","):
+        head, mc, tc = _head_spec(args, train, spec)
+        label = "dense" if head == "dense" else f"{spec} F={mc.fan_in} G={mc.group_size}"
         print(f"--- {label}")
         r = measure_run(mc, tc, train, test, inv_prop, isolate=not args.in_process)
         r["name"] = label
@@ -224,7 +255,9 @@ def main(argv=None):
     c = sub.add_parser("compare", help="train dense and GSFFI heads with the same encoder and budget; table + plot")
     _add_data_args(c)
     _add_model_args(c, head=False)
-    c.add_argument("--heads", default="dense,gsffi", help="comma-separated heads to compare (default dense,gsffi)")
+    c.add_argument("--heads", default="dense,gsffi",
+                   help="comma-separated heads to compare (default dense,gsffi); a GSFFI head may carry modifiers "
+                        "+frequency, +semantic, +rewire, e.g. dense,gsffi,gsffi+rewire,gsffi+semantic,headtail+rewire")
     c.add_argument("--plot", default="compare.png", help="PNG of P@1 against head memory (default compare.png)")
     c.add_argument("--json", help="write the runs to this JSON file")
     c.add_argument("--in-process", action="store_true",
