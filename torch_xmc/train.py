@@ -16,6 +16,7 @@ from . import metrics
 from .data import XMCData, gather_rows
 from .headtail import HeadTailFanIn, head_size
 from .modules import GroupSharedFanIn
+from .optim import SGDSR
 from .rewire import Rewirer
 
 
@@ -157,6 +158,11 @@ def _fused_topk(head: nn.Module, hidden: torch.Tensor, k: int) -> torch.Tensor |
     return None
 
 
+def _head_dtype(model: XMCModel) -> torch.dtype:
+    """The head's parameter dtype: the encoder's float32 output is cast to it (a bf16 head runs in bf16)."""
+    return next(model.head.parameters()).dtype
+
+
 @torch.no_grad()
 def predict_topk(model: XMCModel, data: XMCData, k: int = 5, max_elements: int = 1 << 24,
                  progress: bool = False, fused: bool = True) -> torch.Tensor:
@@ -171,7 +177,7 @@ def predict_topk(model: XMCModel, data: XMCData, k: int = 5, max_elements: int =
     for r0 in tqdm(range(0, data.num_points, chunk), desc="predict", leave=False, disable=not progress):
         rows = torch.arange(r0, min(r0 + chunk, data.num_points))
         b = make_batch(data, rows)
-        hidden = model.encoder(b.indices, b.offsets, b.weights)
+        hidden = model.encoder(b.indices, b.offsets, b.weights).to(_head_dtype(model))
         ids = _fused_topk(model.head, hidden, k) if fused else None
         out[rows] = ids.long() if ids is not None else model.head(hidden).topk(k, dim=1).indices
     model.train(was_training)
@@ -202,6 +208,8 @@ class TrainConfig:
     rewire_interval: int = 0  # GSFFI heads: steps between rewirings (0: static), see torch_xmc.rewire
     rewire_fraction: float = 0.2  # share of connections rewired at the first rewiring, cosine-decayed to 0
     rewire_end: float = 2 / 3  # share of the training steps after which the connections stay fixed
+    head_precision: str = "fp32"  # "bf16": head weights in bfloat16, trained by torch_xmc.optim.SGDSR (no fp32 copy)
+    head_lr: float = 32.0  # "bf16": SGDSR learning rate (momentum 0.9) of the head; the encoder keeps AdamW at lr
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):
@@ -244,7 +252,13 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.model = build_model(model_cfg)
         # fused: one pass over each tensor, ~8x faster than the per-op AdamW on CPU for a large embedding table
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+        self.head_optimizer = self.head_scheduler = None
+        if train_cfg.head_precision == "bf16":  # bf16 head, SGD + momentum with stochastic rounding, no fp32 copy
+            self.model.head.to(torch.bfloat16)
+            self.head_optimizer = SGDSR(self.model.head.parameters(), lr=train_cfg.head_lr, momentum=0.9,
+                                        seed=train_cfg.seed)
+        params = self.model.encoder.parameters() if self.head_optimizer else self.model.parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                                            fused=True)
         self.scheduler = None  # needs the step count, known in fit
         self.rewirer, self._pending_rewirer = None, None  # likewise (cfg.rewire_interval > 0)
@@ -258,6 +272,8 @@ class Trainer:
     def _make_scheduler(self, total_steps: int):
         lam = _lr_lambda(self.cfg.schedule, self.cfg.warmup_steps, total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+        if self.head_optimizer is not None:
+            self.head_scheduler = torch.optim.lr_scheduler.LambdaLR(self.head_optimizer, lam)
 
     def _epoch_order(self, epoch: int, n: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -279,7 +295,7 @@ class Trainer:
                               self.cfg.seed)
         if self.scheduler is None and self.cfg.rewire_interval:
             layer = head.tail if isinstance(head, HeadTailFanIn) else head
-            self.rewirer = Rewirer(layer, self.optimizer, interval=self.cfg.rewire_interval,
+            self.rewirer = Rewirer(layer, self.head_optimizer or self.optimizer, interval=self.cfg.rewire_interval,
                                    end=int(self.cfg.rewire_end * total), fraction=self.cfg.rewire_fraction,
                                    seed=self.cfg.seed)
             if self._pending_rewirer is not None:
@@ -289,6 +305,9 @@ class Trainer:
             if self._pending is not None:  # resumed: restore after the scheduler has set its initial lr
                 self.optimizer.load_state_dict(self._pending["optimizer"])
                 self.scheduler.load_state_dict(self._pending["scheduler"])
+                if self.head_optimizer is not None:
+                    self.head_optimizer.load_state_dict(self._pending["head_optimizer"])
+                    self.head_scheduler.load_state_dict(self._pending["head_scheduler"])
                 self._pending = None
         end = total if stop_at is None else min(stop_at, total)
         eval_every = self.cfg.eval_every or per_epoch
@@ -306,12 +325,17 @@ class Trainer:
             rows = order[i * bs:(i + 1) * bs]
             t0 = time.perf_counter()
             b = make_batch(train, rows)
-            hidden = self.model.encoder(b.indices, b.offsets, b.weights)
+            hidden = self.model.encoder(b.indices, b.offsets, b.weights).to(_head_dtype(self.model))
             loss = self.loss_fn(self.model.head, hidden, b.label_indptr, b.label_indices)
             self.optimizer.zero_grad(set_to_none=True)
+            if self.head_optimizer is not None:
+                self.head_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
+            if self.head_optimizer is not None:
+                self.head_optimizer.step()
+                self.head_scheduler.step()
             if self.rewirer is not None:
                 self.rewirer.step()
             self.train_seconds += time.perf_counter() - t0
@@ -342,6 +366,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "head_optimizer": None if self.head_optimizer is None else self.head_optimizer.state_dict(),
+            "head_scheduler": None if self.head_scheduler is None else self.head_scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "step": self.step,
             "history": self.history,
@@ -365,9 +391,12 @@ class Trainer:
         t = cls(ModelConfig(**ck["model_config"]), tc)
         t.model.load_state_dict(ck["model"])
         t.optimizer.load_state_dict(ck["optimizer"])
+        if t.head_optimizer is not None:
+            t.head_optimizer.load_state_dict(ck["head_optimizer"])
         if ck["scheduler"] is not None:
             # the schedule's length is known in fit (it depends on the data size): restore there
-            t._pending = {"optimizer": ck["optimizer"], "scheduler": ck["scheduler"]}
+            t._pending = {"optimizer": ck["optimizer"], "scheduler": ck["scheduler"],
+                          "head_optimizer": ck.get("head_optimizer"), "head_scheduler": ck.get("head_scheduler")}
         t.step, t.history, t.train_seconds, t.extra = ck["step"], ck["history"], ck["train_seconds"], ck["extra"]
         t._loss_sum, t._loss_n = ck["loss_since_eval"]
         t._pending_rewirer = ck.get("rewirer")
