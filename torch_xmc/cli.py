@@ -83,6 +83,9 @@ def _add_model_args(p, head=True):
                    help="GSFFI: steps between rewirings of the connections (default 0: static)")
     g.add_argument("--rewire-fraction", type=float, default=0.2,
                    help="share of connections rewired first, cosine-decayed to 0 at 2/3 of training (default 0.2)")
+    g.add_argument("--head-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: head weights in bfloat16, SGD + momentum with stochastic rounding, no fp32 copy")
+    g.add_argument("--head-lr", type=float, default=32.0, help="bf16 head: SGD learning rate (default 32)")
     g.add_argument("--epochs", type=float, default=2)
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--lr", type=float, default=1e-2)
@@ -105,7 +108,8 @@ def _configs(args, train, head):
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      warmup_steps=args.warmup, schedule=args.schedule, loss=args.loss, eval_every=args.eval_every,
                      eval_points=args.eval_points, seed=args.seed, progress=not args.quiet,
-                     rewire_interval=args.rewire_interval, rewire_fraction=args.rewire_fraction)
+                     rewire_interval=args.rewire_interval, rewire_fraction=args.rewire_fraction,
+                     head_precision=args.head_precision, head_lr=args.head_lr)
     return mc, tc
 
 
@@ -114,17 +118,19 @@ REWIRE_INTERVAL = 25  # steps between rewirings when a compare spec asks for "+r
 
 def _head_spec(args, train, spec):
     """(head, ModelConfig, TrainConfig) of a compare entry: a head, optionally with "+" modifiers: frequency,
-    semantic (grouping) and rewire, e.g. "gsffi+semantic+rewire" or "headtail+rewire"."""
+    semantic (grouping), rewire, bf16 (head precision), e.g. "gsffi+semantic+rewire" or "headtail+rewire+bf16"."""
     head, *mods = spec.split("+")
-    unknown = set(mods) - {"frequency", "semantic", "rewire"}
-    if head not in ("dense", "gsffi", "headtail") or unknown or (head == "dense" and mods):
+    unknown = set(mods) - {"frequency", "semantic", "rewire", "bf16"}
+    if head not in ("dense", "gsffi", "headtail") or unknown or (head == "dense" and set(mods) - {"bf16"}):
         raise SystemExit(f"--heads: {spec!r} is not a head (dense, gsffi, headtail) with modifiers among "
-                         "+frequency, +semantic, +rewire (GSFFI heads only)")
+                         "+frequency, +semantic, +rewire (GSFFI heads only), +bf16")
     mc, tc = _configs(args, train, head)
     grouping = next((m for m in mods if m in ("frequency", "semantic")), mc.grouping)
     mc = replace(mc, grouping=grouping)
     if "rewire" in mods:
         tc = replace(tc, rewire_interval=args.rewire_interval or REWIRE_INTERVAL)
+    if "bf16" in mods:
+        tc = replace(tc, head_precision="bf16")
     return head, mc, tc
 
 
@@ -257,7 +263,7 @@ def main(argv=None):
     _add_model_args(c, head=False)
     c.add_argument("--heads", default="dense,gsffi",
                    help="comma-separated heads to compare (default dense,gsffi); a GSFFI head may carry modifiers "
-                        "+frequency, +semantic, +rewire, e.g. dense,gsffi,gsffi+rewire,gsffi+semantic,headtail+rewire")
+                        "+frequency, +semantic, +rewire, +bf16, e.g. dense,gsffi,gsffi+rewire,gsffi+semantic,headtail+rewire,gsffi+bf16")
     c.add_argument("--plot", default="compare.png", help="PNG of P@1 against head memory (default compare.png)")
     c.add_argument("--json", help="write the runs to this JSON file")
     c.add_argument("--in-process", action="store_true",
