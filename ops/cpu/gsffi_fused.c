@@ -3,7 +3,6 @@
  * on the compute type: the targets' per-group positive lists, the elementwise losses, the entry points. */
 #include <immintrin.h>
 #include <math.h>
-#include <omp.h>
 #include <stdlib.h>
 
 #include "cpu_common.h"
