@@ -98,7 +98,7 @@ def main():
     print()
     common.print_table(rows, ["task", "method", "ms", "speedup_vs_unfused", "peak_extra_mb", "memory_vs_unfused"])
     print(f"loss: fused {check['fused_loss']:.6f}, unfused {check['unfused_loss']:.6f}")
-    env = {**common.environment(), "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    env = {**common.environment(), "load_average_before": load_before}  # environment() holds the one after
     common.write_json(args.json, {"env": env, "rows": rows, "check": check})
 
 
