@@ -3,6 +3,7 @@ bf16 + stochastic rounding.
 
     python benchmarks/bench_method.py bibtex delicious   # 3 seeds each -> results/method_<name>.json
     python benchmarks/bench_method.py synthetic-1m       # 1,000,000 labels: fp32 vs bf16 + SR head -> results/method_synthetic-1m.json
+    python benchmarks/bench_method.py synthetic-100k     # the same task at 100,000 labels, plus bf16 rounded to nearest
 
 Every configuration trains the same bag-of-words encoder (torch_xmc.train.BowEncoder) with the same budget and
 schedule; only the classifier head and its training differ. Data: ../shared/data/<name>/ beside the checkout
@@ -66,7 +67,8 @@ class Config:
     regrow: str = "random"
     index_init: str = "random"  # or "pifa": each group's top-F features of the PIFA of encoder outputs at init
     precision: str = "fp32"  # "fp32" or "bf16" (head weights; bf16 needs optimizer "sgd": SGDSR)
-    optimizer: str = "adamw"  # head optimizer: "adamw" (with the encoder) or "sgd" (SGDSR, momentum 0.9)
+    optimizer: str = "adamw"  # head: "adamw" (with the encoder), "sgd" (SGDSR, momentum 0.9) or "sgd-nearest"
+    # ("sgd-nearest": torch.optim.SGD, which rounds a bf16 update to nearest: the control for stochastic rounding)
     head_lr: float | None = None  # "sgd": its learning rate
 
 
@@ -190,8 +192,9 @@ def run(cfg: Config, s: Setting, train, test, inv_prop, seed, progress=False, ma
     if cfg.optimizer == "adamw":
         optimizers = [torch.optim.AdamW(model.parameters(), lr=s.lr, fused=True)]
     else:
-        optimizers = [torch.optim.AdamW(encoder.parameters(), lr=s.lr, fused=True),
-                      SGDSR(head.parameters(), lr=cfg.head_lr, momentum=0.9, seed=seed)]
+        sgd = (SGDSR(head.parameters(), lr=cfg.head_lr, momentum=0.9, seed=seed) if cfg.optimizer == "sgd"
+               else torch.optim.SGD(head.parameters(), lr=cfg.head_lr, momentum=0.9))
+        optimizers = [torch.optim.AdamW(encoder.parameters(), lr=s.lr, fused=True), sgd]
     warm = min(s.warmup, total // 10 + 1)
     lam = lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * min((t - warm) / max(1, total - warm), 1.0)))  # noqa: E731
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lam) for o in optimizers]
@@ -309,19 +312,23 @@ def bench_real(name, args):
     return results
 
 
-SYNTHETIC_1M = {"spec": SyntheticSpec(num_features=50_000, num_labels=1_000_000), "num_train": 30_000,
-                "num_test": 3_000, "setting": Setting(hidden=128, dropout=0.2, lr=1e-2, epochs=1, batch_size=128,
-                                                      group_size=32)}
+SYNTHETIC = {  # labels -> task; 100k is the same task at a tenth of the labels, where a control fits the time
+    n: {"spec": SyntheticSpec(num_features=50_000, num_labels=n), "num_train": 30_000, "num_test": 3_000,
+        "setting": Setting(hidden=128, dropout=0.2, lr=1e-2, epochs=1, batch_size=128, group_size=32)}
+    for n in (100_000, 1_000_000)
+}
 SYNTHETIC_CONFIGS = [
     Config("gsffi fp32 SGD", precision="fp32", optimizer="sgd"),
     Config("gsffi bf16 SGD + SR", precision="bf16", optimizer="sgd"),
+    Config("gsffi bf16 SGD nearest", precision="bf16", optimizer="sgd-nearest"),
 ]
 
 
-def bench_synthetic(args):
+def bench_synthetic(args, num_labels):
     """1,000,000 labels: the GSFFI head trained by SGD + momentum in float32 against bfloat16 weights and
     momentum with stochastic rounding (no float32 copy), same seeds, same everything else."""
-    cfg = SYNTHETIC_1M
+    cfg = SYNTHETIC[num_labels]
+    name = f"synthetic-{num_labels // 1000}k" if num_labels < 1_000_000 else f"synthetic-{num_labels // 1_000_000}m"
     s = cfg["setting"]
     if args.epochs:
         s = replace(s, epochs=args.epochs)
@@ -331,7 +338,7 @@ def bench_synthetic(args):
     train, test = normalized(train), normalized(test)
     print(f"synthetic: {train.num_points} train / {test.num_points} test, {train.num_labels} labels, "
           f"generated in {time.perf_counter() - t0:.0f} s", flush=True)
-    results = {"data": "synthetic-1m", "spec": asdict(cfg["spec"]), "num_train": cfg["num_train"],
+    results = {"data": name, "spec": asdict(cfg["spec"]), "num_train": cfg["num_train"],
                "num_test": cfg["num_test"], "setting": asdict(s), "environment": environment(), "configs": []}
     configs = [replace(c, head_lr=args.head_lr) for c in SYNTHETIC_CONFIGS
                if not args.configs or c.name in args.configs.split(",")]
@@ -339,19 +346,20 @@ def bench_synthetic(args):
     for seed in range(args.seeds):  # seeds outermost: a cut-short run still compares the configs on equal seeds
         for c in configs:
             r = run(c, s, train, test, inv_prop, seed, progress=args.progress, max_steps=args.max_steps)
-            print(f"  synthetic-1m {c.name} seed {seed}: P@1 {r['metrics']['P@1']:.2f} P@5 {r['metrics']['P@5']:.2f} "
+            print(f"  {name} {c.name} seed {seed}: P@1 {r['metrics']['P@1']:.2f} P@5 {r['metrics']['P@5']:.2f} "
                   f"head {r['head_bytes'] / 2**20:.0f} MiB peak {r['peak_bytes'] / 2**20:.0f} MiB "
                   f"({r['train_seconds']:.0f} s, {r['steps']} steps)", flush=True)
             runs[c.name].append(r)
             results["configs"] = [{"name": c2.name, "config": asdict(c2), "summary": summarize(runs[c2.name]),
                                    "runs": runs[c2.name]} for c2 in configs if runs[c2.name]]
-            write_json(os.path.join(args.out, "method_synthetic-1m.json"), results)
+            write_json(os.path.join(args.out, f"method_{name}.json"), results)
     print_rows([(c["name"], c["summary"]) for c in results["configs"]])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("datasets", nargs="+", help="bibtex, delicious (real, from --data-root) or synthetic-1m")
+    p.add_argument("datasets", nargs="+",
+                   help="bibtex, delicious (real, from --data-root), synthetic-1m or synthetic-100k")
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--seeds", type=int, default=3)
@@ -367,8 +375,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.datasets:
-        if name == "synthetic-1m":
-            bench_synthetic(args)
+        if name in ("synthetic-1m", "synthetic-100k"):
+            bench_synthetic(args, 1_000_000 if name == "synthetic-1m" else 100_000)
         else:
             bench_real(name, args)
 
