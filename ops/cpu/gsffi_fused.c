@@ -79,22 +79,15 @@ static double pos_grad(xmc_loss kind, double z) {
   return z < 1 ? -2 * (1 - z) : 0;
 }
 
-/* Elementwise losses of n logits whose targets are all 0: returns the sum of the losses and replaces each
- * logit by its gradient. BCE: log(1 + e^z) = max(z, 0) + log1p(e^-|z|), gradient sigmoid(z). Squared hinge:
- * max(0, 1 + z)^2, gradient 2 max(0, 1 + z). */
-static double scalar_neg_terms(xmc_loss kind, float *z, int64_t n) {
+/* The elementwise losses of n logits whose targets are all 0 (neg_terms_*): return the sum of the losses and
+ * replace each logit by its gradient. BCE: log(1 + e^z) = max(z, 0) + log1p(e^-|z|), gradient sigmoid(z).
+ * Squared hinge: max(0, 1 + z)^2, gradient 2 max(0, 1 + z). This one is the portable float BCE. */
+static double scalar_neg_terms(float *z, int64_t n) {
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = z[i];
-    if (kind == XMC_LOSS_BCE) {
-      const float e = expf(-fabsf(v)), r = 1 / (1 + e);
-      sum += (v > 0 ? v : 0) + log1pf(e);
-      z[i] = v >= 0 ? r : e * r;
-    } else {
-      const float m = v > -1 ? 1 + v : 0;
-      sum += m * m;
-      z[i] = 2 * m;
-    }
+    const float v = z[i], e = expf(-fabsf(v)), r = 1 / (1 + e);
+    sum += (v > 0 ? v : 0) + log1pf(e);
+    z[i] = v >= 0 ? r : e * r;
   }
   return sum;
 }
@@ -146,13 +139,25 @@ __attribute__((target("avx2,fma"))) static double avx2_bce_neg_terms(float *z, i
   _mm256_storeu_ps(lanes, acc);
   double sum = 0;
   for (int l = 0; l < 8; ++l) sum += lanes[l];
-  return sum + scalar_neg_terms(XMC_LOSS_BCE, z + i, n - i);
+  return sum + scalar_neg_terms(z + i, n - i);
+}
+
+/* Squared hinge needs no transcendentals: one SIMD loop (a float sum over at most one tile row). */
+static double hinge_neg_terms_f32(float *z, int64_t n) {
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = z[i] > -1 ? 1 + z[i] : 0;
+    sum += m * m;
+    z[i] = 2 * m;
+  }
+  return sum;
 }
 
 static double neg_terms_f32(xmc_loss kind, float *z, int64_t n) {
-  if (kind == XMC_LOSS_BCE && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return avx2_bce_neg_terms(z, n);
-  return scalar_neg_terms(kind, z, n);
+  if (kind == XMC_LOSS_SQUARED_HINGE) return hinge_neg_terms_f32(z, n);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2_bce_neg_terms(z, n);
+  return scalar_neg_terms(z, n);
 }
 
 static double neg_terms_f64(xmc_loss kind, double *z, int64_t n) {
