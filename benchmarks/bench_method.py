@@ -12,6 +12,7 @@ schedule; only the classifier head and its training differ. Data: ../shared/data
 F = H / 8.
 """
 import argparse
+import json
 import math
 import os
 import statistics
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from torch_xmc import GroupSharedFanIn, grouping, metrics  # noqa: E402
 from torch_xmc.data import SyntheticSpec, load_folder, synthetic_split  # noqa: E402
-from torch_xmc.headtail import HeadTailFanIn  # noqa: E402
+from torch_xmc.headtail import HeadTailFanIn, head_size  # noqa: E402
 from torch_xmc.optim import SGDSR  # noqa: E402
 from torch_xmc.rewire import Rewirer, gradient_evidence  # noqa: E402
 from torch_xmc import functional as XF  # noqa: E402
@@ -70,6 +71,7 @@ class Config:
     optimizer: str = "adamw"  # head: "adamw" (with the encoder), "sgd" (SGDSR, momentum 0.9) or "sgd-nearest"
     # ("sgd-nearest": torch.optim.SGD, which rounds a bf16 update to nearest: the control for stochastic rounding)
     head_lr: float | None = None  # "sgd": its learning rate
+    match_density: bool = False  # headtail: shrink the tail's F so that the whole head has density <= 1/8
 
 
 REAL_CONFIGS = [
@@ -85,6 +87,9 @@ REAL_CONFIGS = [
     Config("headtail semantic + rewire", head="headtail", grouping="semantic", rewire=True),
     Config("gsffi freq + rewire (gradient)", grouping="frequency", rewire=True, regrow="gradient"),
     Config("headtail sem + rewire + pifa init", head="headtail", grouping="semantic", rewire=True, index_init="pifa"),
+    Config("headtail freq (total density 1/8)", head="headtail", grouping="frequency", match_density=True),
+    Config("headtail sem + rewire (total density 1/8)", head="headtail", grouping="semantic", rewire=True,
+           match_density=True),
 ]
 
 
@@ -144,6 +149,9 @@ def build_head(cfg: Config, s: Setting, train, encoder, seed):
             index_emb = grouping.pifa(train, features=encoder.eval()(b.indices, b.offsets, b.weights))
             encoder.train()
     if cfg.head == "headtail":
+        if cfg.match_density:  # dense head labels * H + tail labels * F <= L * H / 8
+            n_head = head_size(L, s.head_fraction, G)
+            Fi = int((L / 8 - n_head) * H // (L - n_head))
         return HeadTailFanIn.from_counts(counts, H, Fi, G, head_fraction=s.head_fraction, tail_embeddings=tail_emb,
                                          index_embeddings=index_emb, seed=seed)
     if cfg.grouping == "none":
@@ -296,6 +304,11 @@ def bench_real(name, args):
         s = replace(s, epochs=args.epochs)
     configs = [c for c in REAL_CONFIGS if not args.configs or c.name in args.configs.split(",")]
     results = {"data": name, "setting": asdict(s), "environment": environment(), "configs": []}
+    path = os.path.join(args.out, f"method_{name}.json")
+    if args.configs and os.path.exists(path):  # a partial re-run keeps the other configs' results
+        with open(path) as f:
+            kept = json.load(f)["configs"]
+        results["configs"] = [c for c in kept if c["name"] not in {c2.name for c2 in configs}]
     rows = []
     for cfg in configs:
         runs = []
@@ -307,7 +320,7 @@ def bench_real(name, args):
         summary = summarize(runs)
         rows.append((cfg.name, summary))
         results["configs"].append({"name": cfg.name, "config": asdict(cfg), "summary": summary, "runs": runs})
-        write_json(os.path.join(args.out, f"method_{name}.json"), results)
+        write_json(path, results)
     print_rows(rows)
     return results
 
