@@ -144,3 +144,33 @@ def test_argument_errors():
         Rewirer(torch.nn.Linear(3, 3), end=5)
     with pytest.raises(ValueError, match="interval"):
         Rewirer(layer, interval=0, end=5)
+
+
+@pytest.mark.parametrize("head,precision", [("headtail", "bf16"), ("gsffi", "fp32")])
+def test_trainer_rewires_and_resumes_exactly(tmp_path, head, precision):
+    from torch_xmc.data import SyntheticSpec, synthetic_split
+    from torch_xmc.train import ModelConfig, TrainConfig, Trainer, normalized
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tr, te = synthetic_split(400, 50, SyntheticSpec(num_features=300, num_labels=120), seed=0)
+        tr, te = normalized(tr), normalized(te)
+        mc = ModelConfig(tr.num_features, tr.num_labels, hidden=32, fan_in=4, group_size=8, head=head,
+                         grouping="semantic", head_fraction=0.1)
+        tc = TrainConfig(epochs=2, batch_size=50, lr=1e-2, warmup_steps=2, rewire_interval=2, progress=False,
+                         head_precision=precision, head_lr=4.0)
+        full = Trainer(mc, tc)
+        full.fit(tr)
+        layer = full.rewirer.layer
+        assert full.rewirer.rewired > 0
+        assert layer.weight.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        XF.check_indices(layer.indices, layer.in_features, layer.out_features, layer.group_size)
+        ck = str(tmp_path / "ck.pt")
+        Trainer(mc, tc).fit(tr, checkpoint=ck, stop_at=7)
+        resumed = Trainer.load(ck)
+        resumed.fit(tr)
+        for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
