@@ -6,6 +6,7 @@ it is built when torch has CUDA and nvcc is found, unless TORCH_XMC_CUDA=0 (forc
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 from setuptools.command.build_clib import build_clib
@@ -52,6 +53,11 @@ cuda = with_cuda()
 if cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ:
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU is probed at build time; Hopper is the target
 
+# Link the shared libstdc++ that torch itself uses. A toolchain that ships only a static libstdc++ (seen on the GPU
+# machine: /opt/gcc) would otherwise embed a second copy whose locale is never initialised, and the first error
+# message that formats a number segfaults.
+SHARED_LIBSTDCXX = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
 # Rebuild when any kernel source or header changes, not only the files compiled directly.
 C_DEPENDS = rel("ops/*.h") + rel("ops/cpu/*.h") + rel("ops/cpu/*.inc")
 sources = rel("bindings/*.cpp")
@@ -84,7 +90,7 @@ setup(
             depends=rel("ops/cpu/*.c") + C_DEPENDS + rel("bindings/*.h") + rel("ops/cuda/*.cuh"),
             define_macros=define_macros,
             extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + SHARED_LIBSTDCXX,
         )
     ],
     cmdclass={"build_clib": BuildCLib, "build_ext": BuildExt.with_options(use_ninja=True)},
