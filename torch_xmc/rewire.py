@@ -96,7 +96,7 @@ def rewire(layer: GroupSharedFanIn, fraction: float, optimizer: torch.optim.Opti
         w = torch.where(new_rows, fresh.to(w.dtype), w)
     layer.weight.copy_(w)
     if optimizer is not None:
-        for key, value in optimizer.state.get(layer.weight, {}).items():
+        for value in optimizer.state.get(layer.weight, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
                 value.copy_(value.gather(1, col).masked_fill_(new_rows, 0))
     return n_prune
