@@ -18,7 +18,7 @@ build: $(VENV)/.installed
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: build
-	$(PY) -m torch_xmc compare
+	$(PY) -m torch_xmc compare --plot runs/compare.png --json runs/compare.json
 
 test: build
 	$(PY) -m pytest -q
