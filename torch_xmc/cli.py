@@ -201,6 +201,7 @@ def cmd_compare(args):
     print("head memory: head parameters + gradients + Adam state + index buffers; peak memory: peak RSS of the "
           "run's own process above its level before training (training and evaluation)")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"source": source, "args": vars(args), "runs": rows}, f, indent=1, default=str)
         print(f"wrote {args.json}")
@@ -233,6 +234,7 @@ def plot_p1_vs_memory(rows, path, title=""):
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
