@@ -337,30 +337,43 @@ int reduce(const A *part, int64_t chunks, int64_t n, void *gx, cudaStream_t st) 
   return 0;
 }
 
-template <class T>
-int grad_input_generic(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx,
-                       cudaStream_t st) {
-  using A = typename AccT<T>::type;
-  const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
-  int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * 8 / s.batch);
-  chunks = xmin<int64_t>(chunks, n_groups);
+// Runs launch(part) into a scratch of per-chunk partial sums [chunks, B, H] (zeroed first if asked), then adds
+// the chunks in a fixed order into gx: the deterministic reduction every grad_input path shares.
+template <class T, class A, class Launch>
+int with_partials(xmc_gsffi_shape s, int64_t chunks, bool zero, void *gx, cudaStream_t st, Launch launch) {
   const int64_t n = s.batch * s.in_features;
   A *part = nullptr;
   if (scratch_alloc((void **)&part, (size_t)(chunks * n) * sizeof(A), st) != cudaSuccess) {
     cudaGetLastError();
     return XMC_ERR_NOMEM;
   }
-  int rc = (int)cudaMemsetAsync(part, 0, (size_t)(chunks * n) * sizeof(A), st);
+  int rc = zero ? (int)cudaMemsetAsync(part, 0, (size_t)(chunks * n) * sizeof(A), st) : 0;
   if (rc == 0) {
-    const int threads = (int)xmin<int64_t>(256, (s.fan_in + 31) / 32 * 32);
-    dx_generic<T><<<(unsigned)(chunks * s.batch), threads, 0, st>>>(
-        (const T *)dy, (const T *)w, idx, part, s.batch, s.in_features, s.out_features, s.fan_in, s.group_size,
-        n_groups, chunks);
+    launch(part);
     rc = last_error();
   }
   if (rc == 0) rc = reduce<T, A>(part, chunks, n, gx, st);
   cudaFreeAsync(part, st);
   return rc;
+}
+
+// Group chunks for the tensor-core paths: enough blocks to fill the chip with nbt batch tiles each.
+int64_t mma_chunks(int per_sm, int nbt, int64_t n_groups) {
+  return xmin<int64_t>(xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / nbt), n_groups);
+}
+
+template <class T>
+int grad_input_generic(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx,
+                       cudaStream_t st) {
+  using A = typename AccT<T>::type;
+  const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
+  const int64_t chunks = xmin<int64_t>(xmax<int64_t>(1, (int64_t)num_sms() * 8 / s.batch), n_groups);
+  const int threads = (int)xmin<int64_t>(256, (s.fan_in + 31) / 32 * 32);
+  return with_partials<T, A>(s, chunks, true, gx, st, [&](A *part) {
+    dx_generic<T><<<(unsigned)(chunks * s.batch), threads, 0, st>>>(
+        (const T *)dy, (const T *)w, idx, part, s.batch, s.in_features, s.out_features, s.fan_in, s.group_size,
+        n_groups, chunks);
+  });
 }
 
 template <class T, int KCG>
@@ -373,23 +386,14 @@ int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32
   XMC_CHECK_LAUNCH();
   const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
   const int nbt = (int)((s.batch + nwarps * kDxRows - 1) / (nwarps * kDxRows));
-  int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / nbt);
-  chunks = xmin<int64_t>(chunks, n_groups);
-  const int64_t n = s.batch * s.in_features;
-  float *part = nullptr;
-  if (scratch_alloc((void **)&part, (size_t)(chunks * n) * sizeof(float), st) != cudaSuccess) {
-    cudaGetLastError();
-    return XMC_ERR_NOMEM;
-  }
+  const int64_t chunks = mma_chunks(per_sm, nbt, n_groups);
   const bool dy_vec = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0;
   const bool idx_vec = (uintptr_t)idx % 16 == 0;
-  kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
-                                                              (int)s.in_features, s.out_features, (int)s.fan_in,
-                                                              (int)s.group_size, n_groups, nbt, hs, dy_vec, idx_vec);
-  int rc = last_error();
-  if (rc == 0) rc = reduce<T, float>(part, chunks, n, gx, st);
-  cudaFreeAsync(part, st);
-  return rc;
+  return with_partials<T, float>(s, chunks, false, gx, st, [&](float *part) {
+    kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
+                                                                (int)s.in_features, s.out_features, (int)s.fan_in,
+                                                                (int)s.group_size, n_groups, nbt, hs, dy_vec, idx_vec);
+  });
 }
 
 template <class T, int KCG>
@@ -402,23 +406,14 @@ int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const in
   XMC_CHECK_LAUNCH();
   const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
   const int nbt = (int)((s.batch + nwarps * kDxRows - 1) / (nwarps * kDxRows));
-  int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / nbt);
-  chunks = xmin<int64_t>(chunks, n_groups);
-  const int64_t n = s.batch * s.in_features;
-  float *part = nullptr;
-  if (scratch_alloc((void **)&part, (size_t)(chunks * n) * sizeof(float), st) != cudaSuccess) {
-    cudaGetLastError();
-    return XMC_ERR_NOMEM;
-  }
+  const int64_t chunks = mma_chunks(per_sm, nbt, n_groups);
   const bool dy_vec = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0;
-  kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
-                                                              (int)s.in_features, s.out_features, (int)s.fan_in,
-                                                              (int)s.group_size, n_groups, nbt, hs, ns, stage_bytes,
-                                                              dy_vec, dy_ring);
-  int rc = last_error();
-  if (rc == 0) rc = reduce<T, float>(part, chunks, n, gx, st);
-  cudaFreeAsync(part, st);
-  return rc;
+  return with_partials<T, float>(s, chunks, false, gx, st, [&](float *part) {
+    kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
+                                                                (int)s.in_features, s.out_features, (int)s.fan_in,
+                                                                (int)s.group_size, n_groups, nbt, hs, ns, stage_bytes,
+                                                                dy_vec, dy_ring);
+  });
 }
 
 template <class T>
