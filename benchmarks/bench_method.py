@@ -355,6 +355,11 @@ def bench_synthetic(args, num_labels):
                "num_test": cfg["num_test"], "setting": asdict(s), "environment": environment(), "configs": []}
     configs = [replace(c, head_lr=args.head_lr) for c in SYNTHETIC_CONFIGS
                if not args.configs or c.name in args.configs.split(",")]
+    path = os.path.join(args.out, f"method_{name}.json")
+    kept = []
+    if args.configs and os.path.exists(path):  # a partial re-run keeps the other configs' results
+        with open(path) as f:
+            kept = [c for c in json.load(f)["configs"] if c["name"] not in {c2.name for c2 in configs}]
     runs = {c.name: [] for c in configs}
     for seed in range(args.seeds):  # seeds outermost: a cut-short run still compares the configs on equal seeds
         for c in configs:
@@ -363,9 +368,9 @@ def bench_synthetic(args, num_labels):
                   f"head {r['head_bytes'] / 2**20:.0f} MiB peak {r['peak_bytes'] / 2**20:.0f} MiB "
                   f"({r['train_seconds']:.0f} s, {r['steps']} steps)", flush=True)
             runs[c.name].append(r)
-            results["configs"] = [{"name": c2.name, "config": asdict(c2), "summary": summarize(runs[c2.name]),
-                                   "runs": runs[c2.name]} for c2 in configs if runs[c2.name]]
-            write_json(os.path.join(args.out, f"method_{name}.json"), results)
+            results["configs"] = kept + [{"name": c2.name, "config": asdict(c2), "summary": summarize(runs[c2.name]),
+                                          "runs": runs[c2.name]} for c2 in configs if runs[c2.name]]
+            write_json(path, results)
     print_rows([(c["name"], c["summary"]) for c in results["configs"]])
 
 
