@@ -85,3 +85,31 @@ def _split(X, n_left, iters, restarts, g):
         if best is None or score > best[0]:
             best = (score, left, right)
     return best[1], best[2]
+
+
+def label_order(label_counts: torch.Tensor, group_size: int, method: str = "frequency",
+                embeddings: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """int64 [L]: "frequency" (``frequency_order``) or "semantic" (``balanced_order`` of embeddings [L, D],
+    e.g. ``pifa(train)``)."""
+    if method == "frequency":
+        return frequency_order(label_counts)
+    if method == "semantic":
+        if embeddings is None or embeddings.shape[0] != label_counts.numel():
+            got = None if embeddings is None else list(embeddings.shape)
+            raise ValueError(f"semantic grouping needs embeddings [L, D] with L = {label_counts.numel()}, got {got}")
+        return balanced_order(embeddings, group_size, seed=seed)
+    raise ValueError(f"method must be 'frequency' or 'semantic', got {method!r}")
+
+
+def indices_from_embeddings(embeddings: torch.Tensor, group_size: int, fan_in: int) -> torch.Tensor:
+    """int32 [ceil(L / G), fan_in]: each group's fan_in input features of largest |embedding| mass summed over
+    its labels, sorted. embeddings [L, H] are in the layer's label order and its input space (e.g. PIFA of the
+    encoder outputs); a group with too little mass fills up with its next-largest (tie: lowest) features."""
+    L, H = embeddings.shape
+    if not 1 <= fan_in <= H:
+        raise ValueError(f"fan_in must be in [1, in_features = {H}], got {fan_in}")
+    n_groups = -(-L // group_size)
+    mass = torch.zeros(n_groups, H).index_add_(0, torch.arange(L) // group_size, embeddings.float().abs())
+    # a stable sort keeps ties in feature order, so all-zero groups get 0 .. F-1: deterministic
+    top = torch.sort(mass, dim=1, descending=True, stable=True).indices[:, :fan_in]
+    return top.sort(dim=1).values.to(torch.int32)
