@@ -4,6 +4,7 @@ bf16 + stochastic rounding.
     python benchmarks/bench_method.py bibtex delicious   # 3 seeds each -> results/method_<name>.json
     python benchmarks/bench_method.py synthetic-1m       # 1,000,000 labels: fp32 vs bf16 + SR head -> results/method_synthetic-1m.json
     python benchmarks/bench_method.py synthetic-100k     # the same task at 100,000 labels, plus bf16 rounded to nearest
+    python benchmarks/bench_method.py synthetic-100k --epochs 3 --head-lr 4 --tag=-3ep   # longer, smaller steps
 
 Every configuration trains the same bag-of-words encoder (torch_xmc.train.BowEncoder) with the same budget and
 schedule; only the classifier head and its training differ. Data: ../shared/data/<name>/ beside the checkout
@@ -304,7 +305,7 @@ def bench_real(name, args):
         s = replace(s, epochs=args.epochs)
     configs = [c for c in REAL_CONFIGS if not args.configs or c.name in args.configs.split(",")]
     results = {"data": name, "setting": asdict(s), "environment": environment(), "configs": []}
-    path = os.path.join(args.out, f"method_{name}.json")
+    path = os.path.join(args.out, f"method_{name}{args.tag}.json")
     if args.configs and os.path.exists(path):  # a partial re-run keeps the other configs' results
         with open(path) as f:
             kept = json.load(f)["configs"]
@@ -355,7 +356,7 @@ def bench_synthetic(args, num_labels):
                "num_test": cfg["num_test"], "setting": asdict(s), "environment": environment(), "configs": []}
     configs = [replace(c, head_lr=args.head_lr) for c in SYNTHETIC_CONFIGS
                if not args.configs or c.name in args.configs.split(",")]
-    path = os.path.join(args.out, f"method_{name}.json")
+    path = os.path.join(args.out, f"method_{name}{args.tag}.json")
     kept = []
     if args.configs and os.path.exists(path):  # a partial re-run keeps the other configs' results
         with open(path) as f:
@@ -389,6 +390,7 @@ def main():
                    help="synthetic-1m: SGD learning rate of the head (default 32: best of 0.5, 4, 32, 128, 512 for "
                         "float32 on a 100,000-label version of the task)")
     p.add_argument("--max-steps", type=int, default=None, help="cap the training steps (quick trials)")
+    p.add_argument("--tag", default="", help="suffix of the output file name, e.g. -3ep: method_<data>-3ep.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
