@@ -11,21 +11,8 @@ enum {
   PREFETCH_LABELS = 64 /* how far ahead along a row the gradient kernels prefetch */
 };
 
-#define FN(name) name##_f32
-#define CT float
-#define GEMM xmc_sgemm
-#include "gsffi_impl.inc"
-#undef FN
-#undef CT
-#undef GEMM
-
-#define FN(name) name##_f64
-#define CT double
-#define GEMM xmc_dgemm
-#include "gsffi_impl.inc"
-#undef FN
-#undef CT
-#undef GEMM
+#define XMC_IMPL "gsffi_impl.inc"
+#include "instantiate.h"
 
 int xmc_gsffi_forward_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                           const void *bias, void *y, xmc_exec ex) {

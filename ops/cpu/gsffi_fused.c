@@ -177,21 +177,8 @@ static double neg_terms_f64(xmc_loss kind, double *z, int64_t n) {
   return sum;
 }
 
-#define FN(name) name##_f32
-#define CT float
-#define GEMM xmc_sgemm
-#include "gsffi_fused_impl.inc"
-#undef FN
-#undef CT
-#undef GEMM
-
-#define FN(name) name##_f64
-#define CT double
-#define GEMM xmc_dgemm
-#include "gsffi_fused_impl.inc"
-#undef FN
-#undef CT
-#undef GEMM
+#define XMC_IMPL "gsffi_fused_impl.inc"
+#include "instantiate.h"
 
 int xmc_gsffi_fused_loss_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
                              const int32_t *indices, const void *bias, const int64_t *indptr, const int64_t *labels,
