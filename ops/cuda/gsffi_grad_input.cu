@@ -376,44 +376,38 @@ int grad_input_generic(xmc_gsffi_shape s, const void *dy, const void *w, const i
   });
 }
 
-template <class T, int KCG>
-int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
-                   int nwarps) {
+// Launches a tensor-core grad_input kernel (dx_mma or dx_mma_staged) over (group chunk, batch tile) blocks
+// of nwarps warps, with extra_smem bytes of shared memory beside the accumulators; tail... are the kernel's
+// arguments after the common ones.
+template <class T, class Kernel, class... Tail>
+int grad_input_tc(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
+                  int nwarps, Kernel kernel, size_t extra_smem, Tail... tail) {
   const int hs = (int)acc_stride(s.in_features);
-  const size_t smem = (size_t)nwarps * kDxRows * hs * sizeof(float);
-  auto kernel = dx_mma<T, KCG>;
+  const size_t smem = (size_t)nwarps * kDxRows * hs * sizeof(float) + extra_smem;
   const int per_sm = prepare(kernel, nwarps * 32, smem);
   XMC_CHECK_LAUNCH();
   const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
   const int nbt = (int)((s.batch + nwarps * kDxRows - 1) / (nwarps * kDxRows));
   const int64_t chunks = mma_chunks(per_sm, nbt, n_groups);
-  const bool dy_vec = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0;
-  const bool idx_vec = (uintptr_t)idx % 16 == 0;
   return with_partials<T, float>(s, chunks, false, gx, st, [&](float *part) {
     kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
                                                                 (int)s.in_features, s.out_features, (int)s.fan_in,
-                                                                (int)s.group_size, n_groups, nbt, hs, dy_vec, idx_vec);
+                                                                (int)s.group_size, n_groups, nbt, hs, tail...);
   });
 }
 
 template <class T, int KCG>
+int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
+                   int nwarps, bool dy_vec) {
+  const bool idx_vec = (uintptr_t)idx % 16 == 0;
+  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma<T, KCG>, 0, dy_vec, idx_vec);
+}
+
+template <class T, int KCG>
 int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
-                      int nwarps, int ns, int stage_bytes, bool dy_ring) {
-  const int hs = (int)acc_stride(s.in_features);
-  const size_t smem = (size_t)nwarps * kDxRows * hs * sizeof(float) + (size_t)ns * stage_bytes;
-  auto kernel = dx_mma_staged<T, KCG>;
-  const int per_sm = prepare(kernel, nwarps * 32, smem);
-  XMC_CHECK_LAUNCH();
-  const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
-  const int nbt = (int)((s.batch + nwarps * kDxRows - 1) / (nwarps * kDxRows));
-  const int64_t chunks = mma_chunks(per_sm, nbt, n_groups);
-  const bool dy_vec = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0;
-  return with_partials<T, float>(s, chunks, false, gx, st, [&](float *part) {
-    kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
-                                                                (int)s.in_features, s.out_features, (int)s.fan_in,
-                                                                (int)s.group_size, n_groups, nbt, hs, ns, stage_bytes,
-                                                                dy_vec, dy_ring);
-  });
+                      int nwarps, bool dy_vec, int ns, int stage_bytes, bool dy_ring) {
+  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma_staged<T, KCG>, (size_t)ns * stage_bytes, ns,
+                          stage_bytes, dy_vec, dy_ring);
 }
 
 template <class T>
@@ -437,13 +431,13 @@ int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int3
   const int stage_bytes = ((dy_ring ? stage_dy : stage_w) + 15) / 16 * 16;
   const int ns = (int)xmin<int64_t>(4, spare / stage_bytes);
   if (ns >= 2 && (uintptr_t)idx % 16 == 0) {
-    if (kcg == 1) return grad_input_staged<T, 1>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes, dy_ring);
-    if (kcg == 2) return grad_input_staged<T, 2>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes, dy_ring);
-    return grad_input_staged<T, 4>(s, dy, w, idx, gx, st, nwarps, ns, stage_bytes, dy_ring);
+    if (kcg == 1) return grad_input_staged<T, 1>(s, dy, w, idx, gx, st, nwarps, dy_ok, ns, stage_bytes, dy_ring);
+    if (kcg == 2) return grad_input_staged<T, 2>(s, dy, w, idx, gx, st, nwarps, dy_ok, ns, stage_bytes, dy_ring);
+    return grad_input_staged<T, 4>(s, dy, w, idx, gx, st, nwarps, dy_ok, ns, stage_bytes, dy_ring);
   }
-  if (kcg == 1) return grad_input_mma<T, 1>(s, dy, w, idx, gx, st, nwarps);
-  if (kcg == 2) return grad_input_mma<T, 2>(s, dy, w, idx, gx, st, nwarps);
-  return grad_input_mma<T, 4>(s, dy, w, idx, gx, st, nwarps);
+  if (kcg == 1) return grad_input_mma<T, 1>(s, dy, w, idx, gx, st, nwarps, dy_ok);
+  if (kcg == 2) return grad_input_mma<T, 2>(s, dy, w, idx, gx, st, nwarps, dy_ok);
+  return grad_input_mma<T, 4>(s, dy, w, idx, gx, st, nwarps, dy_ok);
 }
 
 }  // namespace
