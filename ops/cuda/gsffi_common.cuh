@@ -143,6 +143,17 @@ inline cudaError_t scratch_alloc(void **p, size_t bytes, cudaStream_t s) {
 
 inline int last_error() { return (int)cudaGetLastError(); }
 
+// Where a grad_input launch puts its result: the dtype's [B, H] output, or (add_f32) added into a float [B, H]
+// accumulator.
+struct DxOut {
+  void *ptr;
+  bool add_f32;
+};
+
+// grad_input for bf16/fp16 added into acc (fp32 [B, H]); the fused loss calls it once per label chunk.
+int grad_input_add_f32(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *weight,
+                       const int32_t *indices, float *acc, cudaStream_t st);
+
 }  // namespace xmc_cuda
 
 #define XMC_CHECK_LAUNCH()            \

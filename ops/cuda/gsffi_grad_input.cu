@@ -21,11 +21,13 @@ namespace xmc_cuda {
 namespace {
 
 // Scratch rows [chunks, B, H] in A are reduced over chunks in order into grad_x.
-template <class T, class A>
+// ADD: out is a float accumulator that the sum is added to (the fused loss sums label chunks that way).
+template <class T, class A, bool ADD>
 __global__ void reduce_chunks(const A *__restrict__ part, int64_t chunks, int64_t n, T *__restrict__ out) {
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
     A s = 0;
     for (int64_t c = 0; c < chunks; ++c) s += part[c * n + e];
+    if (ADD) s += (A)to_acc(out[e]);
     put(out + e, s);
   }
 }
@@ -171,15 +173,20 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
 // ({0, 1, 8, 9, 16, 17, 24, 25} + even offset) fall on 8 different bank groups.
 __device__ __forceinline__ int stage_swz(int row, int mask) { return ((row & 1) | (((row >> 3) & 3) << 1)) & mask; }
 
-template <class T, int KCG>
+//
+// FT and NWT, where not 0, fix the fan-in and the warp count at compile time: the per-group copy loops and
+// fan-in checks then fold away (with both at run time the loop body is ~900 instructions per group, mostly
+// index arithmetic, and the kernel is instruction bound).
+template <class T, int KCG, int FT, int NWT>
 __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dx_mma_staged(const T *__restrict__ dy, const T *__restrict__ w, const int32_t *__restrict__ idx,
-                  float *__restrict__ part, int64_t B, int H, int64_t L, int F, int G, int64_t n_groups, int nbt,
+                  float *__restrict__ part, int64_t B, int H, int64_t L, int F_arg, int G, int64_t n_groups, int nbt,
                   int hs, int ns, int stage_bytes, bool dy_vec, bool dy_ring) {
   extern __shared__ __align__(16) float accs[];
-  const int nwarps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
+  const int F = FT ? FT : F_arg, nthreads = NWT ? NWT * 32 : (int)blockDim.x;
+  const int nwarps = nthreads >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
   const int BTB = nwarps * kDxRows;
-  for (int e = threadIdx.x; e < BTB * hs; e += blockDim.x) accs[e] = 0.f;
+  for (int e = threadIdx.x; e < BTB * hs; e += nthreads) accs[e] = 0.f;
   unsigned char *ring = reinterpret_cast<unsigned char *>(accs + BTB * hs);
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
   constexpr int kRows = 32 * KCG;  // weight rows per stage, zero past the group's end
@@ -198,16 +205,27 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
       const uint32_t sb = ring_s + slot * stage_bytes;
       const int64_t lg = g * G;
       const int nval = (int)(xmin<int64_t>(lg + G, L) - lg);
-      for (int e = threadIdx.x; e < kRows * cpr; e += blockDim.x) {
+      // Loops of the form e0 += nthreads with e = e0 + tid: a fixed trip count when FT and NWT are set, so they
+      // unroll and everything but the group's base address is hoisted out of the group loop.
+      const T *wg = w + lg * F;
+#pragma unroll
+      for (int e0 = 0; e0 < kRows * cpr; e0 += nthreads) {
+        const int e = e0 + (int)threadIdx.x;
+        if (e >= kRows * cpr) break;
         const int r = cpr_shift >= 0 ? e >> cpr_shift : e / cpr, col = e - r * cpr;
         const bool ok = r < nval;
-        cp_async16(sb + r * F * 2 + ((col ^ stage_swz(r, smask)) << 4), ok ? w + (lg + r) * F + col * 8 : w,
-                   ok ? 16 : 0);
+        cp_async16(sb + r * F * 2 + ((col ^ stage_swz(r, smask)) << 4), ok ? wg + r * F + col * 8 : w, ok ? 16 : 0);
       }
-      for (int e = threadIdx.x; e < F / 4; e += blockDim.x)
-        cp_async16(sb + kRows * F * 2 + e * 16, idx + g * F + e * 4, 16);
+#pragma unroll
+      for (int e0 = 0; e0 < F / 4; e0 += nthreads) {
+        const int e = e0 + (int)threadIdx.x;
+        if (e < F / 4) cp_async16(sb + kRows * F * 2 + e * 16, idx + g * F + e * 4, 16);
+      }
       if (dy_ring) {  // the block's grad_y rows of this group: kRows labels each, zeros past the group or batch
-        for (int e = threadIdx.x; e < BTB * (kRows / 8); e += blockDim.x) {
+#pragma unroll
+        for (int e0 = 0; e0 < BTB * (kRows / 8); e0 += nthreads) {
+          const int e = e0 + (int)threadIdx.x;
+          if (e >= BTB * (kRows / 8)) break;
           const int r = e / (kRows / 8), c8 = e - r * (kRows / 8);
           const int64_t l = lg + 8 * c8;
           const int n = (brow + r < B) ? (int)xmax<int64_t>(0, xmin<int64_t>(8, lg + nval - l)) : 0;
@@ -261,6 +279,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
       for (int kc = 0; kc < KCG; ++kc) dyc[kc] = *reinterpret_cast<const uint4 *>(dt + (kc * 32 + 8 * q) * 2);
     }
     const int *ids = reinterpret_cast<const int *>(ring + slot * stage_bytes + kRows * F * 2);
+#pragma unroll
     for (int fc = 0; fc * 64 < F; ++fc) {
       float acc[8][4];
 #pragma unroll
@@ -302,7 +321,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   cp_async_wait<0>();
   __syncthreads();
   const int64_t rows = xmin<int64_t>(BTB, B - brow);
-  for (int64_t e = threadIdx.x; e < rows * H; e += blockDim.x) {
+  for (int64_t e = threadIdx.x; e < rows * H; e += nthreads) {
     const int64_t r = e / H, hh = e - r * H;
     part[((int64_t)c * B + brow + r) * H + hh] = accs[r * hs + hh];
   }
@@ -330,9 +349,12 @@ __global__ void dx_generic(const T *__restrict__ dy, const T *__restrict__ w, co
 }
 
 template <class T, class A>
-int reduce(const A *part, int64_t chunks, int64_t n, void *gx, cudaStream_t st) {
+int reduce(const A *part, int64_t chunks, int64_t n, DxOut gx, cudaStream_t st) {
   const int64_t blocks = xmin<int64_t>((n + 255) / 256, (int64_t)num_sms() * 16);
-  reduce_chunks<T, A><<<(unsigned)blocks, 256, 0, st>>>(part, chunks, n, (T *)gx);
+  if (gx.add_f32)
+    reduce_chunks<float, A, true><<<(unsigned)blocks, 256, 0, st>>>(part, chunks, n, (float *)gx.ptr);
+  else
+    reduce_chunks<T, A, false><<<(unsigned)blocks, 256, 0, st>>>(part, chunks, n, (T *)gx.ptr);
   XMC_CHECK_LAUNCH();
   return 0;
 }
@@ -340,7 +362,7 @@ int reduce(const A *part, int64_t chunks, int64_t n, void *gx, cudaStream_t st) 
 // Runs launch(part) into a scratch of per-chunk partial sums [chunks, B, H] (zeroed first if asked), then adds
 // the chunks in a fixed order into gx: the deterministic reduction every grad_input path shares.
 template <class T, class A, class Launch>
-int with_partials(xmc_gsffi_shape s, int64_t chunks, bool zero, void *gx, cudaStream_t st, Launch launch) {
+int with_partials(xmc_gsffi_shape s, int64_t chunks, bool zero, DxOut gx, cudaStream_t st, Launch launch) {
   const int64_t n = s.batch * s.in_features;
   A *part = nullptr;
   if (scratch_alloc((void **)&part, (size_t)(chunks * n) * sizeof(A), st) != cudaSuccess) {
@@ -363,7 +385,7 @@ int64_t mma_chunks(int per_sm, int nbt, int64_t n_groups) {
 }
 
 template <class T>
-int grad_input_generic(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx,
+int grad_input_generic(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx,
                        cudaStream_t st) {
   using A = typename AccT<T>::type;
   const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
@@ -380,7 +402,7 @@ int grad_input_generic(xmc_gsffi_shape s, const void *dy, const void *w, const i
 // of nwarps warps, with extra_smem bytes of shared memory beside the accumulators; tail... are the kernel's
 // arguments after the common ones.
 template <class T, class Kernel, class... Tail>
-int grad_input_tc(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
+int grad_input_tc(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st,
                   int nwarps, Kernel kernel, size_t extra_smem, Tail... tail) {
   const int hs = (int)acc_stride(s.in_features);
   const size_t smem = (size_t)nwarps * kDxRows * hs * sizeof(float) + extra_smem;
@@ -397,21 +419,29 @@ int grad_input_tc(xmc_gsffi_shape s, const void *dy, const void *w, const int32_
 }
 
 template <class T, int KCG>
-int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
+int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st,
                    int nwarps, bool dy_vec) {
   const bool idx_vec = (uintptr_t)idx % 16 == 0;
   return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma<T, KCG>, 0, dy_vec, idx_vec);
 }
 
+// The staged kernel with the fan-in and warp count fixed where they are the common ones (F = 64 or 128, 8 warps).
 template <class T, int KCG>
-int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st,
+int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st,
                       int nwarps, bool dy_vec, int ns, int stage_bytes, bool dy_ring) {
-  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma_staged<T, KCG>, (size_t)ns * stage_bytes, ns,
-                          stage_bytes, dy_vec, dy_ring);
+  const size_t ring = (size_t)ns * stage_bytes;
+  if (nwarps == 8 && s.fan_in == 64)
+    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma_staged<T, KCG, 64, 8>, ring, ns, stage_bytes,
+                            dy_vec, dy_ring);
+  if (nwarps == 8 && s.fan_in == 128)
+    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma_staged<T, KCG, 128, 8>, ring, ns, stage_bytes,
+                            dy_vec, dy_ring);
+  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma_staged<T, KCG, 0, 0>, ring, ns, stage_bytes, dy_vec,
+                          dy_ring);
 }
 
 template <class T>
-int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, void *gx, cudaStream_t st) {
+int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st) {
   // Warps that fit: each owns kDxRows rows x H fp32 accumulators; no more warps than the batch has row tiles.
   const int64_t per_warp = kDxRows * acc_stride(s.in_features) * (int64_t)sizeof(float);
   int nwarps = (int)xmin<int64_t>(kDxMaxWarps, smem_optin() / per_warp);
@@ -443,16 +473,29 @@ int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int3
 }  // namespace
 }  // namespace xmc_cuda
 
+namespace xmc_cuda {
+int grad_input_add_f32(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *weight,
+                       const int32_t *indices, float *acc, cudaStream_t st) {
+  if (s.batch == 0) return 0;
+  const DxOut out{acc, true};
+  switch (dt) {
+    case XMC_BF16: return grad_input_half<__nv_bfloat16>(s, grad_y, weight, indices, out, st);
+    case XMC_F16: return grad_input_half<__half>(s, grad_y, weight, indices, out, st);
+    default: return XMC_ERR_DTYPE;
+  }
+}
+}  // namespace xmc_cuda
+
 extern "C" int xmc_gsffi_grad_input_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *weight,
                                          const int32_t *indices, void *grad_x, xmc_exec ex) {
   using namespace xmc_cuda;
   if (s.batch == 0) return 0;
   cudaStream_t st = (cudaStream_t)ex.stream;
   switch (dt) {
-    case XMC_BF16: return grad_input_half<__nv_bfloat16>(s, grad_y, weight, indices, grad_x, st);
-    case XMC_F16: return grad_input_half<__half>(s, grad_y, weight, indices, grad_x, st);
-    case XMC_F32: return grad_input_generic<float>(s, grad_y, weight, indices, grad_x, st);
-    case XMC_F64: return grad_input_generic<double>(s, grad_y, weight, indices, grad_x, st);
+    case XMC_BF16: return grad_input_half<__nv_bfloat16>(s, grad_y, weight, indices, {grad_x, false}, st);
+    case XMC_F16: return grad_input_half<__half>(s, grad_y, weight, indices, {grad_x, false}, st);
+    case XMC_F32: return grad_input_generic<float>(s, grad_y, weight, indices, {grad_x, false}, st);
+    case XMC_F64: return grad_input_generic<double>(s, grad_y, weight, indices, {grad_x, false}, st);
   }
   return XMC_ERR_DTYPE;
 }
