@@ -144,6 +144,38 @@ def test_bfloat16_loss_within_twice_pytorch_error(shape, loss, device):
         assert rel_err(o, r) <= 2 * rel_err(t, r) + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+@pytest.mark.parametrize("F, G", [(16, 18), (128, 32)])
+def test_16_bit_loss_over_label_chunks(dtype, loss, reduction, F, G, device, monkeypatch):
+    """CUDA's 16-bit path runs the layer's kernels one label chunk at a time: with 1 MB chunks this shape takes
+    5 chunks, the last one partial (G = 18: chunks of whole 8-label units of groups; F = 128 with B >= 64: the
+    grad_input kernel specialised for that fan-in). fp16 with reduction "mean" (scale 1 / (B L)) checks that the
+    scaled gradients do not flush to zero."""
+    if device == "cpu":
+        pytest.skip("the label-chunked 16-bit path is CUDA's")
+    monkeypatch.setenv("XMC_FUSED_CHUNK_MB", "1")
+    B, H, L = 70, 192, 30000
+    x, w, idx, b = make(B, H, L, F, G, device, dtype)
+    w, b = w * 0.1, b * 0.1  # logits ~ N(0, 0.2): the summed squared hinge (~30000 per row) stays within fp16
+    indptr, labels = random_targets(B, L, device, max_pos=40)
+    group = torch.arange(L, device=device) // G
+
+    def torch_16(x, w, b):  # the same maths in PyTorch in this dtype, as test_bfloat16_loss_within_twice_pytorch_error
+        y = (x[..., idx.long()[group]] * w).sum(-1) + b
+        return reference_loss(y.float(), dense_target(indptr, labels, B, L, torch.float32, device), loss,
+                              reduction)
+
+    ours = loss_and_grads(fused(idx, G, indptr, labels, loss, reduction), x, w, b)
+    theirs = loss_and_grads(torch_16, x, w, b)
+    exact = loss_and_grads(unfused(idx, G, indptr, labels, loss, reduction), x.double(), w.double(), b.double())
+    for o, t, r in zip(ours, theirs, exact):
+        assert o.dtype == dtype and torch.isfinite(o).all() and r.abs().max() > 0
+        assert rel_err(o, r) <= 2 * rel_err(t, r) + 1e-2
+    assert (ours[2] != 0).float().mean() > 0.9  # the weight gradient did not underflow
+
+
 @pytest.mark.parametrize("shape", [(3, 11, 13, 4, 3), (1, 6, 5, 6, 2), (4, 9, 70, 3, 70)])
 @pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
 def test_gradcheck(shape, loss, device):
@@ -345,6 +377,24 @@ def test_topk_bfloat16(device):
     exact = reference(x, w, idx, b, G)
     torch.testing.assert_close(scores.double(), exact.gather(1, ids), rtol=1e-2, atol=1e-2)
     assert (exact.gather(1, ids)[:, -1] >= exact.topk(5).values[:, -1] - 0.05).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_topk_over_label_chunks(dtype, device, monkeypatch):
+    """CUDA's 16-bit top-k runs the layer's forward kernel one label chunk at a time (1 MB chunks: 3 here, the last
+    partial; L odd, so the 16-byte loads fall back): exactly the stable top-k of that kernel's logits, whose
+    16-bit values tie often, so the lower-id rule is exercised across chunks and segments."""
+    if device == "cpu":
+        pytest.skip("the label-chunked 16-bit path is CUDA's")
+    monkeypatch.setenv("XMC_FUSED_CHUNK_MB", "1")
+    for B, L, G in ((40, 30001, 24), (1, 300001, 16)):
+        x, w, idx, b = make(B, 64, L, 16, G, device, dtype)
+        y = XF.group_shared_fan_in(x, w, idx, b, G).float()
+        for k in (1, 5, 100):
+            scores, ids = XF.gsffi_topk(x, w, idx, b, G, k)
+            rs, ri = stable_topk(y, k)
+            assert torch.equal(ids, ri), (B, L, k)
+            assert torch.equal(scores.float(), rs)
 
 
 def test_topk_deterministic_and_nan_first(device):

@@ -26,6 +26,18 @@ __device__ __forceinline__ A loss_term(xmc_loss kind, A z, bool pos, A *grad) {
   return m * m;
 }
 
+// loss_term in float from 16-bit logits, with the fast exp / reciprocal / log units (their relative error,
+// ~1e-6, is far below the logits' own bf16 / fp16 rounding); log(1 + e) takes e itself where 1 + e rounds.
+__device__ __forceinline__ float loss_term_fast(xmc_loss kind, float z, bool pos, float *grad) {
+  if (kind == XMC_LOSS_BCE) {
+    const float e = __expf(-fabsf(z)), r = __fdividef(1.f, 1.f + e);
+    const float sig = z >= 0 ? r : e * r, one_minus_sig = z >= 0 ? e * r : r;
+    *grad = pos ? -one_minus_sig : sig;
+    return fmaxf(pos ? -z : z, 0.f) + (e < 1e-4f ? e : __logf(1.f + e));
+  }
+  return loss_term(kind, z, pos, grad);
+}
+
 // bits[l * 2 + r / 32] bit r % 32: (b0 + r, l0 + l) is a positive. Duplicates set the same bit.
 __device__ void positive_bits(const int64_t *indptr, const int64_t *labels, int64_t l0, int nl, int64_t b0, int rt,
                               uint32_t *bits) {
@@ -237,6 +249,205 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
   return err;
 }
 
+// ---- Tensor-core path (bf16, fp16): the layer's own kernels, one label chunk at a time ----
+//
+// The labels are cut into chunks of nl labels (whole groups) whose logits [B, nl] fit a scratch buffer of about
+// chunk_bytes() (small enough to stay in L2 between the kernels that touch it). Per chunk:
+//   forward (gsffi_forward.cu)     writes the chunk's logits into the buffer;
+//   mark_positives                  sets the chunk's positives in a bit mask [B, nl / 32];
+//   grad_chunk                      turns every logit into scale * d loss / d logit in place, sums the bias
+//                                   gradient of its columns over the batch and its loss terms in a fixed order;
+//   grad_weight (gsffi_grad_weight.cu) writes the chunk's weight gradient from the buffer;
+//   grad_input_add_f32 (gsffi_grad_input.cu) adds the chunk's input gradient into an fp32 [B, H] accumulator.
+// Nothing is [B, L]; everything is deterministic (the OR of the mask is idempotent, every sum has a fixed order).
+
+constexpr int kGradCols = 32;                   // threads across a grad_chunk block, 8 labels each
+constexpr int kGradRows = 8;                    // row slices of a grad_chunk block
+constexpr int kGradLabels = kGradCols * 8;      // labels per grad_chunk block
+
+// bits[b * words + l / 32] bit l % 32: label c0 + l is a positive of row b (one warp per row).
+__global__ void mark_positives(const int64_t *indptr, const int64_t *labels, int64_t B, int64_t c0, int64_t nl,
+                               int64_t words, uint32_t *bits) {
+  const int64_t b = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (b >= B) return;
+  for (int64_t p = indptr[b] + threadIdx.x % 32; p < indptr[b + 1]; p += 32) {
+    const int64_t l = labels[p] - c0;
+    if (l >= 0 && l < nl) atomicOr(&bits[b * words + l / 32], 1u << (l % 32));
+  }
+}
+
+// Rows b0, b0 + kGradRows, ... (U of them) of one thread's 8 labels: loads first, then the loss terms, in place.
+// FULL: all 8 labels exist and the row is 16-byte aligned (no guards).
+template <class T, xmc_loss KIND, bool FULL>
+__device__ __forceinline__ void grad_rows(T *z, const uint32_t *bits, int64_t B, int64_t nl, int64_t words,
+                                          int64_t b0, int64_t l0, int nv, float scale, float zscale,
+                                          float bias[8], float &loss) {
+  constexpr int U = 4;  // rows in flight per thread
+  uint4 raw[U];
+  uint32_t pos[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t b = b0 + u * kGradRows;
+    raw[u] = make_uint4(0, 0, 0, 0);
+    pos[u] = 0;
+    if (b < B) {
+      const T *zr = z + b * nl + l0;
+      raw[u] = FULL ? *reinterpret_cast<const uint4 *>(zr) : load_elems<8>(zr, nv, false);
+      pos[u] = bits[b * words + l0 / 32] >> (l0 % 32);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t b = b0 + u * kGradRows;
+    if (b >= B) break;
+    T *e = reinterpret_cast<T *>(&raw[u]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (FULL || j < nv) {
+        float g;
+        loss += KIND == XMC_LOSS_BCE ? loss_term_fast(KIND, to_acc(e[j]), (pos[u] >> j) & 1u, &g)
+                                     : loss_term(KIND, to_acc(e[j]), (bool)((pos[u] >> j) & 1u), &g);
+        bias[j] += g * scale;
+        put(e + j, g * zscale);
+      }
+    }
+    T *zr = z + b * nl + l0;
+    if (FULL) {
+      *reinterpret_cast<uint4 *>(zr) = raw[u];
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (j < nv) zr[j] = e[j];
+    }
+  }
+}
+
+// Block: labels l0 .. l0 + 255 of the chunk, all rows. Thread (cx, ry) takes labels l0 + 8 cx .. + 7 on rows
+// ry, ry + 8, ...; the block adds its row slices in order for the bias gradient and its loss in double.
+template <class T, xmc_loss KIND>
+__global__ void __launch_bounds__(kGradCols * kGradRows)
+    grad_chunk(T *z, const uint32_t *bits, int64_t B, int64_t nl, int64_t words, float scale, float zscale,
+               bool vec, double *block_loss, T *gb) {
+  __shared__ float bsum[kGradRows][kGradLabels];
+  __shared__ double red[kGradCols * kGradRows];
+  const int cx = threadIdx.x % kGradCols, ry = threadIdx.x / kGradCols;
+  const int64_t l0 = (int64_t)blockIdx.x * kGradLabels + 8 * cx;
+  float bias[8] = {0, 0, 0, 0, 0, 0, 0, 0}, loss = 0;
+  if (l0 < nl) {
+    const int nv = (int)xmin<int64_t>(8, nl - l0);
+    if (vec && nv == 8) {
+      for (int64_t b0 = ry; b0 < B; b0 += 4 * kGradRows)
+        grad_rows<T, KIND, true>(z, bits, B, nl, words, b0, l0, 8, scale, zscale, bias, loss);
+    } else {
+      for (int64_t b0 = ry; b0 < B; b0 += 4 * kGradRows)
+        grad_rows<T, KIND, false>(z, bits, B, nl, words, b0, l0, nv, scale, zscale, bias, loss);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) bsum[ry][8 * cx + j] = bias[j];
+  red[threadIdx.x] = loss;
+  __syncthreads();
+  for (int e = threadIdx.x; e < kGradLabels; e += blockDim.x) {
+    const int64_t l = (int64_t)blockIdx.x * kGradLabels + e;
+    if (gb && l < nl) {
+      float v = 0;
+      for (int r = 0; r < kGradRows; ++r) v += bsum[r][e];
+      put(gb + l, v);
+    }
+  }
+  for (int n = blockDim.x / 2; n > 0; n /= 2) {
+    if ((int)threadIdx.x < n) red[threadIdx.x] += red[threadIdx.x + n];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) block_loss[blockIdx.x] = red[0];
+}
+
+template <class T>
+void launch_grad_chunk(unsigned nb, cudaStream_t st, xmc_loss kind, void *z, const void *bits, int64_t B,
+                       int64_t nl, int64_t words, float scale, float zscale, bool vec, double *bl, void *gb) {
+  auto k = kind == XMC_LOSS_BCE ? grad_chunk<T, XMC_LOSS_BCE> : grad_chunk<T, XMC_LOSS_SQUARED_HINGE>;
+  k<<<nb, kGradCols * kGradRows, 0, st>>>(static_cast<T *>(z), static_cast<const uint32_t *>(bits), B, nl, words,
+                                          scale, zscale, vec, bl, static_cast<T *>(gb));
+}
+
+// out = acc * scale in the output dtype.
+__global__ void f32_to(const float *acc, int64_t n, float scale, xmc_dtype dt, void *out) {
+  const int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= n) return;
+  if (dt == XMC_BF16) put(static_cast<__nv_bfloat16 *>(out) + e, acc[e] * scale);
+  else put(static_cast<__half *>(out) + e, acc[e] * scale);
+}
+
+__global__ void scale_half(__half *p, int64_t n, float scale) {
+  const int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (e < n) p[e] = __float2half_rn(__half2float(p[e]) * scale);
+}
+
+int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
+              const void *bias, const int64_t *indptr, const int64_t *labels, xmc_loss kind, double scale,
+              double *loss_out, void *gx, void *gw, void *gb, xmc_exec ex) {
+  cudaStream_t st = ex.stream;
+  const int64_t B = s.batch, H = s.in_features, L = s.out_features, F = s.fan_in, G = s.group_size;
+  const int64_t nl = chunk_labels(s);
+  const int64_t n_chunks = (L + nl - 1) / nl, words = (nl + 31) / 32;
+  const int64_t parts_per_chunk = (nl + kGradLabels - 1) / kGradLabels;  // loss partial sums: grad_chunk blocks
+  // The buffer holds scale * d loss / d logit in bf16 (fp32's exponent range); in fp16 it holds the unscaled
+  // gradient (|.| <= 1 for BCE), since scales like 1 / (B L) would flush it to zero, and the products are scaled.
+  const float zscale = dt == XMC_BF16 ? (float)scale : 1.f, post = dt == XMC_BF16 ? 1.f : (float)scale;
+  void *buf = nullptr, *bits = nullptr, *block_loss = nullptr, *acc = nullptr;
+  int err = (int)scratch_alloc(&buf, (size_t)(B * nl) * 2, st);
+  if (!err) err = (int)scratch_alloc(&bits, (size_t)(B * words) * 4, st);
+  if (!err) err = (int)scratch_alloc(&block_loss, (size_t)(n_chunks * parts_per_chunk) * sizeof(double), st);
+  if (!err && gx) err = (int)scratch_alloc(&acc, (size_t)(B * H) * sizeof(float), st);
+  if (!err && gx) err = (int)cudaMemsetAsync(acc, 0, (size_t)(B * H) * sizeof(float), st);
+  const int64_t esz = 2;
+  int64_t n_parts = 0;
+  for (int64_t c0 = 0; !err && c0 < L; c0 += nl) {
+    const int64_t n = xmin<int64_t>(nl, L - c0), g0 = c0 / G;
+    const xmc_gsffi_shape sc = {B, H, n, F, G};
+    const unsigned char *wc = static_cast<const unsigned char *>(w) + c0 * F * esz;
+    const int32_t *ic = indices + g0 * F;
+    const void *bc = bias ? static_cast<const unsigned char *>(bias) + c0 * esz : nullptr;
+    void *gbc = gb ? static_cast<unsigned char *>(gb) + c0 * esz : nullptr;
+    unsigned char *gwc = gw ? static_cast<unsigned char *>(gw) + c0 * F * esz : nullptr;
+    double *bl = static_cast<double *>(block_loss) + n_parts;
+    err = xmc_gsffi_forward_cuda(sc, dt, x, wc, ic, bc, buf, ex);
+    if (!err) err = (int)cudaMemsetAsync(bits, 0, (size_t)(B * words) * 4, st);
+    if (!err) {
+      mark_positives<<<(unsigned)((B + 7) / 8), 256, 0, st>>>(indptr, labels, B, c0, n, words,
+                                                               static_cast<uint32_t *>(bits));
+      err = last_error();
+    }
+    if (!err) {
+      const unsigned nb = (unsigned)((n + kGradLabels - 1) / kGradLabels);
+      const bool vec = n % 8 == 0 && (uintptr_t)buf % 16 == 0;
+      n_parts += nb;
+      if (dt == XMC_BF16)
+        launch_grad_chunk<__nv_bfloat16>(nb, st, kind, buf, bits, B, n, words, (float)scale, zscale, vec, bl, gbc);
+      else
+        launch_grad_chunk<__half>(nb, st, kind, buf, bits, B, n, words, (float)scale, zscale, vec, bl, gbc);
+      err = last_error();
+    }
+    if (!err && gw) err = xmc_gsffi_grad_weight_cuda(sc, dt, buf, x, ic, gwc, ex);
+    if (!err && gw && post != 1.f) {
+      scale_half<<<(unsigned)((n * F + 255) / 256), 256, 0, st>>>(reinterpret_cast<__half *>(gwc), n * F, post);
+      err = last_error();
+    }
+    if (!err && gx) err = grad_input_add_f32(sc, dt, buf, wc, ic, static_cast<float *>(acc), st);
+  }
+  if (!err) {
+    loss_sum_kernel<<<1, THREADS, 0, st>>>(n_parts, static_cast<double *>(block_loss), scale, loss_out);
+    err = last_error();
+  }
+  if (!err && gx) {
+    f32_to<<<(unsigned)((B * H + 255) / 256), 256, 0, st>>>(static_cast<float *>(acc), B * H, post, dt, gx);
+    err = last_error();
+  }
+  for (void *p : {buf, bits, block_loss, acc})
+    if (p) cudaFreeAsync(p, st);
+  return err;
+}
+
 }  // namespace
 }  // namespace fused
 }  // namespace xmc_cuda
@@ -255,11 +466,14 @@ extern "C" int xmc_gsffi_fused_loss_cuda(xmc_gsffi_shape s, xmc_dtype dt, const 
       return launch<double>(s, x, weight, indices, bias, indptr, labels, loss, scale, loss_out, grad_x, grad_weight,
                             grad_bias, st);
     case XMC_BF16:
-      return launch<__nv_bfloat16>(s, x, weight, indices, bias, indptr, labels, loss, scale, loss_out, grad_x,
-                                   grad_weight, grad_bias, st);
     case XMC_F16:
-      return launch<__half>(s, x, weight, indices, bias, indptr, labels, loss, scale, loss_out, grad_x, grad_weight,
-                            grad_bias, st);
+      if (s.batch == 0 || s.out_features == 0)  // nothing to chunk: the generic kernels write the zeros
+        return dt == XMC_BF16 ? launch<__nv_bfloat16>(s, x, weight, indices, bias, indptr, labels, loss, scale,
+                                                      loss_out, grad_x, grad_weight, grad_bias, st)
+                              : launch<__half>(s, x, weight, indices, bias, indptr, labels, loss, scale, loss_out,
+                                               grad_x, grad_weight, grad_bias, st);
+      return launch_tc(s, dt, x, weight, indices, bias, indptr, labels, loss, scale, loss_out, grad_x, grad_weight,
+                       grad_bias, ex);
   }
   return (int)cudaErrorInvalidValue;
 }

@@ -158,6 +158,191 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
   return err;
 }
 
+// ---- Tensor-core path (bf16, fp16): the layer's forward kernel, one label chunk at a time ----
+// Per chunk of nl labels (chunk_labels), the forward kernel writes the logits into a [B, nl] scratch buffer
+// and scan_chunk offers them to the heaps: warp (segment sg, row b) owns the heap [sg, b] of the best k among
+// its slice of every chunk, kept in global scratch across chunks. merge_sorted then merges the segments.
+
+// Warp w = (segment sg, row b) owns heap [sg, b]; segment sg takes columns [lo, hi) of the chunk (8-aligned).
+// The lanes read 8 logits each (16-byte loads where aligned) and test them against the heap's root; lane 0
+// offers the few that pass, in label order, and broadcasts the new root.
+// With shared memory (k <= kScanSmemK), each warp works on a copy of its heap there: a heap offer walks
+// log2(k) levels, and from global memory each level is an L2 round trip.
+constexpr int kScanWarps = 8;
+constexpr int64_t kScanSmemK = 512;
+
+template <class T>
+__global__ void scan_chunk(const T *z, int64_t B, int64_t nl, int64_t c0, int64_t S, int64_t k, bool vec,
+                           float *hs_g, int64_t *hi_g, int64_t *hn) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t wid = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32, wib = threadIdx.x / 32;
+  if (wid >= S * B) return;  // whole warps
+  const int64_t sg = wid / B, b = wid - sg * B, n8 = (nl + 7) / 8;
+  const int64_t lo = n8 * sg / S * 8, hi_ = xmin<int64_t>(n8 * (sg + 1) / S * 8, nl);
+  int64_t n = hn[wid];
+  const bool in_smem = k <= kScanSmemK;
+  float *hs = hs_g + wid * k;
+  int64_t *hi = hi_g + wid * k;
+  if (in_smem) {
+    hi = reinterpret_cast<int64_t *>(smem) + wib * k;
+    hs = reinterpret_cast<float *>(reinterpret_cast<int64_t *>(smem) + kScanWarps * k) + wib * k;
+    for (int64_t j = lane; j < n; j += 32) {
+      hs[j] = hs_g[wid * k + j];
+      hi[j] = hi_g[wid * k + j];
+    }
+    __syncwarp();
+  }
+  float thr = n == k ? hs[0] : -INFINITY;
+  const T *zr = z + b * nl;
+  for (int64_t base = lo; base < hi_; base += 256) {
+    const int64_t l = base + 8 * lane;
+    const int64_t nv = xmax<int64_t>(0, xmin<int64_t>(8, hi_ - l));
+    uint4 raw = load_elems<8>(zr + l, nv, vec);
+    const T *e = reinterpret_cast<const T *>(&raw);
+    float v[8];
+    unsigned pass = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      v[j] = to_acc(e[j]);
+      if (j < nv && !(v[j] < thr)) pass |= 1u << j;
+    }
+    unsigned lanes = __ballot_sync(0xffffffffu, pass != 0);
+    while (lanes) {
+      const int src = __ffs(lanes) - 1;
+      lanes &= lanes - 1;
+      const unsigned m = __shfl_sync(0xffffffffu, pass, src);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if ((m >> j) & 1u) {  // the same for every lane
+          const float val = __shfl_sync(0xffffffffu, v[j], src);
+          if (lane == 0 && !(val < thr)) {
+            heap_offer(hs, hi, n, k, val, c0 + base + 8 * src + j);
+            if (n == k) thr = hs[0];
+          }
+          thr = __shfl_sync(0xffffffffu, thr, 0);
+        }
+      }
+    }
+  }
+  if (lane == 0) hn[wid] = n;
+  if (in_smem) {
+    n = __shfl_sync(0xffffffffu, n, 0);
+    __syncwarp();
+    for (int64_t j = lane; j < n; j += 32) {
+      hs_g[wid * k + j] = hs[j];
+      hi_g[wid * k + j] = hi[j];
+    }
+  }
+}
+
+constexpr int kMergeCap = 4096;  // entries one merge_sorted block sorts in shared memory (48 KB)
+
+// One block per row: the S heaps' entries (S k <= n, n a power of two <= kMergeCap) sorted best first in shared
+// memory (bitonic; the free places hold -inf with an id above every label, which ranks below every entry), and
+// the first k written out. merge_kernel does the same with one thread per row, S k heap offers each.
+template <class T>
+__global__ void merge_sorted(int64_t B, int64_t k, int64_t S, int n, const float *hs, const int64_t *hi,
+                             const int64_t *hn, T *scores, int64_t *ids) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t *si = reinterpret_cast<int64_t *>(smem);
+  float *sv = reinterpret_cast<float *>(si + n);
+  const int64_t b = blockIdx.x;
+  for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    const int64_t c = e / k, j = e - c * k;
+    const bool ok = c < S && j < hn[c * B + b];
+    sv[e] = ok ? hs[(c * B + b) * k + j] : -INFINITY;
+    si[e] = ok ? hi[(c * B + b) * k + j] : INT64_MAX;
+  }
+  for (int size = 2; size <= n; size <<= 1)
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      __syncthreads();
+      for (int i = threadIdx.x; i < n / 2; i += blockDim.x) {
+        const int lo = 2 * i - (i & (stride - 1)), hi_ = lo + stride;
+        const bool best_first = (lo & size) == 0;
+        if (best_first ? ranks_above(sv[hi_], si[hi_], sv[lo], si[lo]) : ranks_above(sv[lo], si[lo], sv[hi_], si[hi_])) {
+          const float v = sv[lo];
+          sv[lo] = sv[hi_];
+          sv[hi_] = v;
+          const int64_t t = si[lo];
+          si[lo] = si[hi_];
+          si[hi_] = t;
+        }
+      }
+    }
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+    put(scores + b * k + j, sv[j]);
+    ids[b * k + j] = si[j];
+  }
+}
+
+template <class T>
+int merge(int64_t B, int64_t k, int64_t S, const float *hs, const int64_t *hi, const int64_t *hn, void *scores,
+          int64_t *ids, cudaStream_t st) {
+  int n = 2;
+  while (n < S * k && n < kMergeCap) n *= 2;
+  if (S * k <= n) {
+    const size_t smem = (size_t)n * (sizeof(float) + sizeof(int64_t));
+    prepare(merge_sorted<T>, 512, smem);
+    merge_sorted<T><<<(unsigned)B, 512, smem, st>>>(B, k, S, n, hs, hi, hn, static_cast<T *>(scores), ids);
+  } else {
+    merge_kernel<T><<<(unsigned)((B + 127) / 128), 128, 0, st>>>(B, k, S, const_cast<float *>(hs),
+                                                                   const_cast<int64_t *>(hi), hn,
+                                                                   static_cast<T *>(scores), ids);
+  }
+  return last_error();
+}
+
+int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
+              const void *bias, int64_t k, void *scores, int64_t *ids, xmc_exec ex) {
+  cudaStream_t st = ex.stream;
+  const int64_t B = s.batch, H = s.in_features, L = s.out_features, F = s.fan_in, G = s.group_size;
+  const int64_t nl = chunk_labels(s);
+  // segments per row: ~8K scanning warps in all, each with >= 256 labels of a chunk, and S k <= 1024: a heap of
+  // k takes ~k ln(labels / k) offers, one lane at a time, so many heaps of a large k cost more than the scan
+  const int64_t S = xmax<int64_t>(1, xmin<int64_t>(xmin<int64_t>(8192 / B, 1024 / k), nl / 256));
+  void *buf = nullptr, *hs = nullptr, *hi = nullptr, *hn = nullptr;
+  int err = (int)scratch_alloc(&buf, (size_t)(B * nl) * 2, st);
+  if (!err) err = (int)scratch_alloc(&hs, sizeof(float) * S * B * k, st);
+  if (!err) err = (int)scratch_alloc(&hi, sizeof(int64_t) * S * B * k, st);
+  if (!err) err = (int)scratch_alloc(&hn, sizeof(int64_t) * S * B, st);
+  if (!err) err = (int)cudaMemsetAsync(hn, 0, sizeof(int64_t) * S * B, st);
+  for (int64_t c0 = 0; !err && c0 < L; c0 += nl) {
+    const int64_t n = xmin<int64_t>(nl, L - c0);
+    const xmc_gsffi_shape sc = {B, H, n, F, G};
+    const void *wc = static_cast<const unsigned char *>(w) + c0 * F * 2;
+    const void *bc = bias ? static_cast<const unsigned char *>(bias) + c0 * 2 : nullptr;
+    err = xmc_gsffi_forward_cuda(sc, dt, x, wc, indices + c0 / G * F, bc, buf, ex);
+    if (!err) {
+      const unsigned blocks = (unsigned)((S * B + kScanWarps - 1) / kScanWarps);
+      const size_t smem = k <= kScanSmemK ? (size_t)kScanWarps * k * (sizeof(float) + sizeof(int64_t)) : 0;
+      const bool vec = n % 8 == 0;
+      float *h = static_cast<float *>(hs);
+      int64_t *i = static_cast<int64_t *>(hi), *c = static_cast<int64_t *>(hn);
+      if (dt == XMC_BF16) {
+        prepare(scan_chunk<__nv_bfloat16>, 32 * kScanWarps, smem);
+        scan_chunk<__nv_bfloat16><<<blocks, 32 * kScanWarps, smem, st>>>(static_cast<const __nv_bfloat16 *>(buf), B,
+                                                                          n, c0, S, k, vec, h, i, c);
+      } else {
+        prepare(scan_chunk<__half>, 32 * kScanWarps, smem);
+        scan_chunk<__half><<<blocks, 32 * kScanWarps, smem, st>>>(static_cast<const __half *>(buf), B, n, c0, S, k,
+                                                                   vec, h, i, c);
+      }
+      err = last_error();
+    }
+  }
+  if (!err) {
+    const float *h = static_cast<const float *>(hs);
+    const int64_t *i = static_cast<const int64_t *>(hi), *c = static_cast<const int64_t *>(hn);
+    err = dt == XMC_BF16 ? merge<__nv_bfloat16>(B, k, S, h, i, c, scores, ids, st)
+                         : merge<__half>(B, k, S, h, i, c, scores, ids, st);
+  }
+  for (void *p : {buf, hs, hi, hn})
+    if (p) cudaFreeAsync(p, st);
+  return err;
+}
+
 }  // namespace
 }  // namespace fused
 }  // namespace xmc_cuda
@@ -169,8 +354,10 @@ extern "C" int xmc_gsffi_topk_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *
   switch (dt) {
     case XMC_F32: return launch<float>(s, x, weight, indices, bias, k, scores, label_ids, ex.stream);
     case XMC_F64: return launch<double>(s, x, weight, indices, bias, k, scores, label_ids, ex.stream);
-    case XMC_BF16: return launch<__nv_bfloat16>(s, x, weight, indices, bias, k, scores, label_ids, ex.stream);
-    case XMC_F16: return launch<__half>(s, x, weight, indices, bias, k, scores, label_ids, ex.stream);
+    case XMC_BF16:
+    case XMC_F16:
+      if (s.batch == 0) return 0;
+      return launch_tc(s, dt, x, weight, indices, bias, k, scores, label_ids, ex);
   }
   return (int)cudaErrorInvalidValue;
 }
