@@ -197,9 +197,22 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   const int bt = blockIdx.x % nbt, c = blockIdx.x / nbt, chunks = gridDim.x / nbt;
   const int64_t brow = (int64_t)bt * BTB, b0 = brow + warp * kDxRows, row = b0 + r4;
   const bool row_ok = row < B;
-  float *acc_w = accs + (size_t)warp * kDxRows * hs + r4 * hs;
+  const uint32_t acc_s = (uint32_t)__cvta_generic_to_shared(accs + (size_t)warp * kDxRows * hs + r4 * hs);
   const int64_t g_begin = n_groups * c / chunks, g_end = n_groups * (c + 1) / chunks;
 
+  // grad_y copies (dy_ring): the block's BTB rows x kRows / 8 16-byte pieces are BTB * 4 KCG = KCG per thread
+  // whatever the warp count. Each thread's source rows and ring offsets are the same for every group: set them
+  // once (the 64-bit row address arithmetic was a fifth of the group loop).
+  const T *dy_src[KCG];  // row start + 8 c8 of piece it, or null past the batch
+  uint32_t dy_dst[KCG];
+  int dy_c8[KCG];
+#pragma unroll
+  for (int it = 0; it < KCG; ++it) {
+    const int e = it * nthreads + (int)threadIdx.x, r = e / (kRows / 8), c8 = e - r * (kRows / 8);
+    dy_src[it] = brow + r < B ? dy + (brow + r) * L + 8 * c8 : nullptr;
+    dy_dst[it] = dy_off + r * kRows * 2 + c8 * 16;
+    dy_c8[it] = 8 * c8;
+  }
   auto issue = [&](int64_t g, int slot) {
     if (g < g_end) {
       const uint32_t sb = ring_s + slot * stage_bytes;
@@ -223,13 +236,9 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
       }
       if (dy_ring) {  // the block's grad_y rows of this group: kRows labels each, zeros past the group or batch
 #pragma unroll
-        for (int e0 = 0; e0 < BTB * (kRows / 8); e0 += nthreads) {
-          const int e = e0 + (int)threadIdx.x;
-          if (e >= BTB * (kRows / 8)) break;
-          const int r = e / (kRows / 8), c8 = e - r * (kRows / 8);
-          const int64_t l = lg + 8 * c8;
-          const int n = (brow + r < B) ? (int)xmax<int64_t>(0, xmin<int64_t>(8, lg + nval - l)) : 0;
-          cp_async16(sb + dy_off + r * kRows * 2 + c8 * 16, n > 0 ? dy + (brow + r) * L + l : dy, 2 * n);
+        for (int it = 0; it < KCG; ++it) {
+          const int n = dy_src[it] != nullptr ? xmax(0, xmin(8, nval - dy_c8[it])) : 0;
+          cp_async16(sb + dy_dst[it], n > 0 ? dy_src[it] + lg : dy, 2 * n);
         }
       }
     }
@@ -311,11 +320,16 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
         h[2 * u] = v.x;
         h[2 * u + 1] = v.y;
       }
+      // 32-bit shared addresses: one instruction per element (the C++ indexing took two)
+      uint32_t ad[16];
 #pragma unroll
-      for (int k = 0; k < 16; ++k) old[k] = fc * 64 + 8 * (k >> 1) + 2 * q < F ? acc_w[h[k]] : 0.f;
+      for (int k = 0; k < 16; ++k) {
+        ad[k] = acc_s + ((uint32_t)h[k] << 2);
+        old[k] = fc * 64 + 8 * (k >> 1) + 2 * q < F ? lds_f32(ad[k]) : 0.f;
+      }
 #pragma unroll
       for (int k = 0; k < 16; ++k)
-        if (fc * 64 + 8 * (k >> 1) + 2 * q < F) acc_w[h[k]] = old[k] + acc[k >> 1][k & 1];
+        if (fc * 64 + 8 * (k >> 1) + 2 * q < F) sts_f32(ad[k], old[k] + acc[k >> 1][k & 1]);
     }
   }
   cp_async_wait<0>();
