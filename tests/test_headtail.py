@@ -94,16 +94,16 @@ def test_argument_errors():
 
 
 @pytest.mark.parametrize("head_fraction", [0.0, 0.15])
-def test_fused_loss_and_topk_match_the_logits(head_fraction):
+def test_fused_loss_and_topk_match_the_logits(head_fraction, device):
     torch.manual_seed(1)
     m = HeadTailFanIn.from_counts(torch.randint(0, 30, (60,)), 24, 6, 4, head_fraction=head_fraction,
-                                  head_features=(0, 16), tail_features=(4, 24))
-    x = torch.randn(5, 24, requires_grad=True)
-    indptr = torch.tensor([0, 2, 2, 5, 6, 8])
-    labels = torch.tensor([3, 40, 0, 1, 59, 7, 8, 9])
+                                  head_features=(0, 16), tail_features=(4, 24)).to(device)
+    x = torch.randn(5, 24, device=device, requires_grad=True)
+    indptr = torch.tensor([0, 2, 2, 5, 6, 8], device=device)
+    labels = torch.tensor([3, 40, 0, 1, 59, 7, 8, 9], device=device)
     logits = m(x)
     target = torch.zeros_like(logits)
-    target[torch.repeat_interleave(torch.arange(5), indptr.diff()), labels] = 1
+    target[torch.repeat_interleave(torch.arange(5, device=device), indptr.diff()), labels] = 1
     ref = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 5
     ref.backward()
     ref_grads = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]

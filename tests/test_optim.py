@@ -84,6 +84,24 @@ def _run(threads, seed=0):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_result_on_every_device(dtype, device):
+    """SGDSR steps on the device (CUDA: the torch-ops path) give bitwise the CPU C kernel's parameters and
+    momentum: the random bits depend only on (seed, parameter, step, element)."""
+    g = torch.Generator().manual_seed(11)
+    w0 = torch.randn(37, 129, generator=g).to(dtype)
+    grads = [torch.randn(37, 129, generator=g).to(dtype) for _ in range(3)]
+    out = []
+    for dev in ("cpu", device):
+        w = torch.nn.Parameter(w0.clone().to(dev))
+        opt = SGDSR([w], lr=0.05, momentum=0.9, weight_decay=0.01, seed=4)
+        for gr in grads:
+            w.grad = gr.to(dev)
+            opt.step()
+        out.append((w.detach().cpu(), opt.state[w]["momentum_buffer"].cpu()))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
 def test_deterministic_and_independent_of_threads():
     a, b = _run(1), _run(2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

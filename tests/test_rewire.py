@@ -71,16 +71,17 @@ def test_random_layers_stay_valid(trial):
         assert pruned_max <= kept_min
 
 
-def test_output_loses_only_the_pruned_connections():
-    layer = GroupSharedFanIn(64, 40, 8, 4)
-    before = GroupSharedFanIn(64, 40, 8, 4)
+def test_output_loses_only_the_pruned_connections(device):
+    layer = GroupSharedFanIn(64, 40, 8, 4, device=device)
+    before = GroupSharedFanIn(64, 40, 8, 4, device=device)
     before.load_state_dict(layer.state_dict())
     rewire(layer, 0.25)
+    XF.check_indices(layer.indices, 64, 40, 4)  # raises unless every group still holds distinct valid ids
     with torch.no_grad():  # the old layer without its pruned connections
         for grp in range(layer.num_groups):
             gone = ~torch.isin(before.indices[grp], layer.indices[grp])
             before.weight[grp * 4:(grp + 1) * 4, gone] = 0
-    x = torch.randn(5, 64)
+    x = torch.randn(5, 64, device=device)
     torch.testing.assert_close(layer(x), before(x))
 
 
@@ -99,9 +100,9 @@ def test_gradient_regrowth_picks_strongest_unheld_features():
     assert torch.all(layer.weight[:4, :3] == 1)
 
 
-def test_gradient_evidence_matches_dense_gradient():
-    layer = GroupSharedFanIn(10, 7, 3, 3)
-    x, dy = torch.randn(6, 10), torch.randn(6, 7)
+def test_gradient_evidence_matches_dense_gradient(device):
+    layer = GroupSharedFanIn(10, 7, 3, 3, device=device)
+    x, dy = torch.randn(6, 10, device=device), torch.randn(6, 7, device=device)
     dense = (dy.t() @ x).abs()
     expect = torch.stack([dense[0:3].sum(0), dense[3:6].sum(0), dense[6:7].sum(0)])
     torch.testing.assert_close(gradient_evidence(layer, x, dy), expect)
