@@ -1,6 +1,8 @@
 // Fused loss of a GSFFI layer against CSR positive labels, with its gradients, on CUDA (C API in ops/xmc.h).
-// No [B, L] buffer: every kernel recomputes the logits tile it needs in shared memory. Deterministic: no atomics
-// on values (only a bitmask OR), every sum in a fixed order.
+// No [B, L] buffer, deterministic: no atomics on values (only a bitmask OR), every sum in a fixed order.
+// bf16 / fp16 take the tensor-core path (launch_tc below: the layer's own kernels, one label chunk at a time).
+// float32 / float64 take plain FMA kernels, in which every kernel recomputes the logits tile it needs in shared
+// memory:
 //   loss_dw   one block per label block (LB labels of a group), all rows: loss terms, dbias, dW. Reads the
 //             group's inputs and weights once per F chunk; with F > TC the logits are recomputed per chunk.
 //   dx        one block per (row tile, chunk of label blocks): dx of its rows summed in shared memory [rows, H],
@@ -251,8 +253,8 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
 
 // ---- Tensor-core path (bf16, fp16): the layer's own kernels, one label chunk at a time ----
 //
-// The labels are cut into chunks of nl labels (whole groups) whose logits [B, nl] fit a scratch buffer of about
-// chunk_bytes() (small enough to stay in L2 between the kernels that touch it). Per chunk:
+// The labels are cut into chunks of nl labels (whole groups, chunk_labels()) whose logits [B, nl] go to one
+// scratch buffer. Per chunk:
 //   forward (gsffi_forward.cu)     writes the chunk's logits into the buffer;
 //   mark_positives                  sets the chunk's positives in a bit mask [B, nl / 32];
 //   grad_chunk                      turns every logit into scale * d loss / d logit in place, sums the bias
@@ -305,8 +307,7 @@ __device__ __forceinline__ void grad_rows(T *z, const uint32_t *bits, int64_t B,
     for (int j = 0; j < 8; ++j) {
       if (FULL || j < nv) {
         float g;
-        loss += KIND == XMC_LOSS_BCE ? loss_term_fast(KIND, to_acc(e[j]), (pos[u] >> j) & 1u, &g)
-                                     : loss_term(KIND, to_acc(e[j]), (bool)((pos[u] >> j) & 1u), &g);
+        loss += loss_term_fast(KIND, to_acc(e[j]), (pos[u] >> j) & 1u, &g);
         bias[j] += g * scale;
         put(e + j, g * zscale);
       }

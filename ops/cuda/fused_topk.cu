@@ -1,4 +1,6 @@
 // Fused top-k of a GSFFI layer's logits on CUDA (C API in ops/xmc.h), without a [B, L] buffer.
+// bf16 / fp16 take the tensor-core path (launch_tc below: the layer's forward kernel, one label chunk at a time);
+// float32 / float64 plain FMA kernels:
 //   scan   one block per (row tile, chunk of label blocks): logits tiles in shared memory; one thread per row
 //          keeps that row's heap of the chunk's best k in global scratch [C, B, k].
 //   merge  one thread per row: offers the other chunks' entries to chunk 0's heap, then sorts it best first.
