@@ -8,8 +8,8 @@ Training step (loss + gradients of x, weight, bias), BCE with logits, reduction 
   dense       sigmoid in place, subtract 1 at the positives, scale, then grad_W = dz^T x and grad_x = dz W
 Prediction: fused gsffi_topk; unfused forward + torch.topk; dense x W^T + b then torch.topk.
 Reported: median ms of CUDA-event times, and peak extra memory: PyTorch's allocations above their level before
-the call (the outputs, so the fused step's includes its weight gradient) plus the kernels' scratch (the high-water
-mark of the device's default cudaMallocAsync pool).
+the call (the outputs, so the fused step's includes its weight gradient) plus the kernels' scratch
+(torch_xmc.memory: the high-water mark of the device's default cudaMallocAsync pool).
 
     python benchmarks/bench_fused_gpu.py --json benchmarks/results/fused_gpu.json [--shape 256,3000000,64,32]
 """
@@ -23,50 +23,11 @@ import torch.nn.functional as TF
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch_xmc  # noqa: E402
+from torch_xmc import memory  # noqa: E402
 from bench_gpu import H, timed  # noqa: E402
 from common import environment, print_table, write_json  # noqa: E402
 
 POSITIVES_PER_ROW = 5
-
-
-class ScratchPool:
-    """High-water mark of the device's default stream-ordered memory pool, where the CUDA kernels take their
-    scratch (cudaMallocAsync): PyTorch's allocator statistics do not see it. Through the CUDA runtime's C API."""
-
-    USED_MEM_HIGH = 8  # cudaMemPoolAttrUsedMemHigh
-
-    def __init__(self):
-        import ctypes
-        import glob
-        names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-        names += glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "lib", "libcudart.so*"))
-        names += glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libcudart*.so*"))
-        self.rt = None
-        for n in names:
-            try:
-                self.rt = ctypes.CDLL(n)
-                break
-            except OSError:
-                pass
-        self.ctypes = ctypes
-        self.pool = ctypes.c_void_p()
-        if self.rt is None or self.rt.cudaDeviceGetDefaultMemPool(ctypes.byref(self.pool), torch.cuda.current_device()):
-            self.rt = None
-
-    def reset(self):
-        if self.rt is not None:
-            v = self.ctypes.c_uint64(0)
-            self.rt.cudaMemPoolSetAttribute(self.pool, self.USED_MEM_HIGH, self.ctypes.byref(v))
-
-    def high(self):
-        if self.rt is None:
-            return float("nan")
-        v = self.ctypes.c_uint64(0)
-        self.rt.cudaMemPoolGetAttribute(self.pool, self.USED_MEM_HIGH, self.ctypes.byref(v))
-        return v.value
-
-
-POOL = None
 
 
 def peak_extra_mib(fn):
@@ -74,12 +35,12 @@ def peak_extra_mib(fn):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    POOL.reset()
+    memory.reset_scratch_peak()
     out = fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     del out
-    return peak / 2**20, POOL.high() / 2**20
+    return peak / 2**20, memory.scratch_peak_bytes() / 2**20
 
 
 def bench(B, L, F, G, ks, repeat, dense):
@@ -193,8 +154,6 @@ def main():
     a = ap.parse_args()
     B, L, F, G = (int(v) for v in a.shape.split(","))
     ks = [int(k) for k in a.k.split(",") if k]
-    global POOL
-    POOL = ScratchPool()
     print(f"{torch.cuda.get_device_name()}, bf16, (B, H, L, F, G) = ({B}, {H}, {L}, {F}, {G}), "
           f"XMC_FUSED_CHUNK_MB={os.environ.get('XMC_FUSED_CHUNK_MB', 'default')}")
     if a.profile:

@@ -481,6 +481,34 @@ def test_fused_paths_allocate_nothing_like_b_by_l(device):
     assert after_topk - before < 128 << 10, f"fused top-k raised peak RSS by {(after_topk - before) >> 10} MiB"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_scratch_does_not_grow_with_the_labels(dtype, device):
+    """CUDA's 16-bit path keeps one label chunk of logits in scratch (cudaMallocAsync, counted through
+    torch_xmc.memory): the step's and top-k's peak memory, PyTorch's plus the scratch, must not grow from
+    L = 2^20 to 2^21 labels (B = 256: the logits alone would be 512 MiB and 1 GiB)."""
+    if device == "cpu":
+        pytest.skip("the label-chunked 16-bit path is CUDA's")
+    from torch_xmc import memory
+
+    def peak(L):
+        B, H, F, G = 256, 8, 2, 256
+        x, w, idx, b = make(B, H, L, F, G, device, dtype)
+        indptr, labels = torch.arange(B + 1, device=device) * 5, torch.randint(0, L, (B * 5,), device=device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        memory.reset_scratch_peak()
+        base = torch.cuda.memory_allocated()
+        grads = loss_and_grads(fused(idx, G, indptr, labels), x, w, b)
+        XF.gsffi_topk(x, w, idx, b, G, 100)
+        torch.cuda.synchronize()
+        params = sum(g.numel() * g.element_size() for g in grads[1:])  # the weight and bias gradients
+        return torch.cuda.max_memory_allocated() - base - params + memory.scratch_peak_bytes()
+
+    small, large = peak(1 << 20), peak(1 << 21)
+    assert 0 < large <= small * 1.1 + (4 << 20), (small >> 20, large >> 20)
+    assert large < (256 << 21) * 2 // 4  # a quarter of the 1 GiB of logits
+
+
 # ---- argument errors ----
 
 def loss_error_cases(device):
