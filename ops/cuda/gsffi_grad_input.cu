@@ -3,18 +3,19 @@
 //
 // Deterministic without atomics: the groups are split into `chunks`; a block owns one (chunk, batch tile) pair
 // and accumulates its chunk's contribution to its rows in fp32 shared memory, then writes that partial sum to
-// a scratch buffer [chunks, B, H]; a second kernel adds the chunks in a fixed order. Inside a block every
-// accumulator row belongs to one warp and a warp's read-modify-writes are ordered by program order; within one
-// instruction the lanes touch distinct (row, feature) pairs because a group's feature ids are distinct (the
-// Python layer checks this). The chunk count depends only on the shape and the GPU's SM count, so results are
-// bitwise identical from run to run on one device.
+// a scratch buffer [chunks, B, H]; a second kernel adds the chunks in a fixed order. Inside a block, within one
+// group every accumulator element is read, added to and written by one lane of one warp (a group's feature
+// ids are distinct; the Python layer checks this), and the groups follow each other in program order (dx_mma:
+// a warp owns its rows) or across the block barrier that starts each group (dx_mma_staged). The chunk count
+// depends only on the shape and the GPU's SM count, so results are bitwise identical from run to run on one
+// device.
 //
-// Tensor-core path (bf16/fp16): each warp owns 8 batch rows (the other half of the m16 tile is zero: the
-// tensor cores have time to spare, shared memory for accumulators does not, and twice the warps hide twice
-// the latency) and computes P_g (8 x F) with mma.sync, the grad_y fragments loaded straight from global
-// memory (16-byte loads, see gsffi_common.cuh) and the weight fragments built from 16-byte weight-row loads
-// by byte permutes (a k pair of B spans two weight rows). The next group's loads are issued before this
-// group's arithmetic and scatter, so one group's latency hides behind the previous group's work.
+// Tensor-core paths (bf16/fp16): the weight-staged kernel (dx_mma_staged, described there) wherever its ring
+// fits; otherwise (feature ids not 16-byte aligned, or H too large for a ring) the unstaged dx_mma: each warp
+// owns 8 batch rows (the other half of the m16 tile is zero) and computes P_g (8 x F) with mma.sync, the
+// grad_y fragments loaded straight from global memory (16-byte loads, see gsffi_common.cuh) and the weight
+// fragments built from 16-byte weight-row loads by byte permutes (a k pair of B spans two weight rows). The
+// next group's loads are issued before this group's arithmetic and scatter.
 #include "gsffi_common.cuh"
 
 namespace xmc_cuda {
@@ -164,30 +165,51 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   }
 }
 
-// Weight-staged variant, used where its ring fits beside the accumulators. The 8 warps of a block read the
-// same group's weights, so the block copies them (and the group's feature ids) once into a ring of shared
-// stages with cp.async, `ns` - 1 groups ahead, and each warp takes its B fragments with ldmatrix.trans: per
-// group a warp then spends ~130 instructions instead of ~600 (8 weight loads, 32 byte permutes and their
-// 64-bit address and bounds arithmetic, all repeated by every warp). Rows of a stage are F * 2 bytes; the
-// 16-byte chunk c of row L sits at c ^ swz(L), so the 8 label rows one ldmatrix phase reads
-// ({0, 1, 8, 9, 16, 17, 24, 25} + even offset) fall on 8 different bank groups.
+// Weight-staged variant, used where its ring fits beside the accumulators. The warps of a block read the same
+// group's weights, so the block copies them (and the group's feature ids) once into a ring of shared stages
+// with cp.async, `ns` - 1 groups ahead. Rows of a stage are F * 2 bytes; the 16-byte chunk c of row L sits at
+// c ^ swz(L), so the 8 label rows one ldmatrix phase reads ({0, 1, 8, 9, 16, 17, 24, 25} + even offset) fall
+// on 8 different bank groups.
+//
+// The product is taken transposed, P_g^T = W_g^T (F x G) @ grad_y_g^T (G x rows): the fan-in slots are the m16
+// side (A from the stage by ldmatrix.trans) and the batch rows the n8 side (B is a thread's 16-byte grad_y
+// piece), so no part of a tile is zero padding. Warps come in pairs: a pair owns 16 batch rows (two n8 tiles),
+// its even warp the even 16-slot tiles and its odd warp the odd ones (distinct slots, so distinct features:
+// the two never touch the same accumulator). Each A fragment then serves two n tiles, and a thread holds, per
+// slot it owns, four batch rows.
+//
+// Accumulators are feature-major, [H][R] floats for the block's R = 16 * pairs rows, and a thread's four rows
+// of one feature are adjacent (row 16 p + 8 n + 2 q + j at word 16 p' + 4 q + 2 n + j of the feature's
+// column, p' = p ^ (h & 1) where the pairs are even in number): one 128-bit shared read and write per
+// feature and 4 rows. A quarter-warp then touches two random features' 16-word runs, which share banks only
+// when the features' parities agree: ~1.5 wavefronts per 32 elements, where the row-major layout took ~2.1
+// and needed one access per element.
 __device__ __forceinline__ int stage_swz(int row, int mask) { return ((row & 1) | (((row >> 3) & 3) << 1)) & mask; }
+
+// Word of (feature h, block row r) in the staged kernel's accumulators of R rows (see above).
+__host__ __device__ __forceinline__ int64_t acc_word(int64_t h, int r, int R) {
+  const int swz = (R / 16) % 2 == 0 ? (int)(h & 1) : 0;
+  return h * R + (((r >> 4) ^ swz) << 4) + 4 * ((r >> 1) & 3) + 2 * ((r >> 3) & 1) + (r & 1);
+}
+// Bytes of those accumulators (R is a multiple of 16, so the ring after them is 16-byte aligned).
+__host__ __device__ inline int64_t acc_tbytes(int64_t H, int R) { return H * R * 4; }
 
 //
 // FT and NWT, where not 0, fix the fan-in and the warp count at compile time: the per-group copy loops and
-// fan-in checks then fold away (with both at run time the loop body is ~900 instructions per group, mostly
-// index arithmetic, and the kernel is instruction bound).
+// fan-in checks then fold away (with both at run time the loop body is mostly index arithmetic, and the
+// kernel is instruction bound).
 template <class T, int KCG, int FT, int NWT>
 __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dx_mma_staged(const T *__restrict__ dy, const T *__restrict__ w, const int32_t *__restrict__ idx,
                   float *__restrict__ part, int64_t B, int H, int64_t L, int F_arg, int G, int64_t n_groups, int nbt,
-                  int hs, int ns, int stage_bytes, bool dy_vec, bool dy_ring) {
+                  int R_arg, int ns, int stage_bytes, bool dy_vec, bool dy_ring) {
   extern __shared__ __align__(16) float accs[];
   const int F = FT ? FT : F_arg, nthreads = NWT ? NWT * 32 : (int)blockDim.x;
   const int nwarps = nthreads >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
-  const int BTB = nwarps * kDxRows;
-  for (int e = threadIdx.x; e < BTB * hs; e += nthreads) accs[e] = 0.f;
-  unsigned char *ring = reinterpret_cast<unsigned char *>(accs + BTB * hs);
+  const int R = NWT ? NWT * kDxRows : R_arg;  // block rows: 16 per warp pair
+  const int wp = warp >> 1, par = warp & 1;  // pair (its 16 rows) and parity (its 16-slot tiles)
+  for (int e = threadIdx.x; e < H * R; e += nthreads) accs[e] = 0.f;
+  unsigned char *ring = reinterpret_cast<unsigned char *>(accs) + acc_tbytes(H, R);
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
   constexpr int kRows = 32 * KCG;  // weight rows per stage, zero past the group's end
   const int cpr = F / 8, smask = cpr % 8 == 0 ? 7 : 0;
@@ -195,14 +217,15 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   const int dy_off = kRows * F * 2 + F * 4;  // grad_y tile after weights and ids (dy_ring only)
 
   const int bt = blockIdx.x % nbt, c = blockIdx.x / nbt, chunks = gridDim.x / nbt;
-  const int64_t brow = (int64_t)bt * BTB, b0 = brow + warp * kDxRows, row = b0 + r4;
-  const bool row_ok = row < B;
-  const uint32_t acc_s = (uint32_t)__cvta_generic_to_shared(accs + (size_t)warp * kDxRows * hs + r4 * hs);
+  const int64_t brow = (int64_t)bt * R, wrow = brow + 16 * wp;  // block's and pair's first row
+  // This thread's accumulator run (rows 16 wp + {2q, 2q + 1, 8 + 2q, 9 + 2q}) of feature h is at
+  // acc_s + h * R * 4 + (lane_off ^ ((h & swz) << 6)).
+  const uint32_t acc_s = (uint32_t)__cvta_generic_to_shared(accs), acc_r = (uint32_t)R * 4;
+  const uint32_t lane_off = 64 * wp + 16 * q, swz = (R / 16) % 2 == 0 ? 1 : 0;
   const int64_t g_begin = n_groups * c / chunks, g_end = n_groups * (c + 1) / chunks;
 
-  // grad_y copies (dy_ring): the block's BTB rows x kRows / 8 16-byte pieces are BTB * 4 KCG = KCG per thread
-  // whatever the warp count. Each thread's source rows and ring offsets are the same for every group: set them
-  // once (the 64-bit row address arithmetic was a fifth of the group loop).
+  // grad_y copies (dy_ring): the block's R rows x kRows / 8 16-byte pieces are KCG per thread whatever the warp
+  // count. Each thread's source rows and ring offsets are the same for every group: set them once.
   const T *dy_src[KCG];  // row start + 8 c8 of piece it, or null past the batch
   uint32_t dy_dst[KCG];
   int dy_c8[KCG];
@@ -213,51 +236,65 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dy_dst[it] = dy_off + r * kRows * 2 + c8 * 16;
     dy_c8[it] = 8 * c8;
   }
-  auto issue = [&](int64_t g, int slot) {
-    if (g < g_end) {
+  // The copies are issued for groups g_begin, g_begin + 1, ... in turn: their base pointers advance by one
+  // group per call (the 64-bit products g * G * F and g * F were a third of the group loop).
+  int64_t gi = g_begin, li = g_begin * G;
+  const T *wi = w + li * F;
+  const int32_t *ii = idx + g_begin * F;
+  const int64_t wstep = (int64_t)G * F;
+  auto issue = [&](int slot) {
+    if (gi < g_end) {
       const uint32_t sb = ring_s + slot * stage_bytes;
-      const int64_t lg = g * G;
-      const int nval = (int)(xmin<int64_t>(lg + G, L) - lg);
+      const int nval = gi + 1 < n_groups ? G : (int)(L - li);
       // Loops of the form e0 += nthreads with e = e0 + tid: a fixed trip count when FT and NWT are set, so they
       // unroll and everything but the group's base address is hoisted out of the group loop.
-      const T *wg = w + lg * F;
 #pragma unroll
       for (int e0 = 0; e0 < kRows * cpr; e0 += nthreads) {
         const int e = e0 + (int)threadIdx.x;
         if (e >= kRows * cpr) break;
         const int r = cpr_shift >= 0 ? e >> cpr_shift : e / cpr, col = e - r * cpr;
         const bool ok = r < nval;
-        cp_async16(sb + r * F * 2 + ((col ^ stage_swz(r, smask)) << 4), ok ? wg + r * F + col * 8 : w, ok ? 16 : 0);
+        cp_async16(sb + r * F * 2 + ((col ^ stage_swz(r, smask)) << 4), ok ? wi + r * F + col * 8 : w, ok ? 16 : 0);
       }
 #pragma unroll
       for (int e0 = 0; e0 < F / 4; e0 += nthreads) {
         const int e = e0 + (int)threadIdx.x;
-        if (e < F / 4) cp_async16(sb + kRows * F * 2 + e * 16, idx + g * F + e * 4, 16);
+        if (e < F / 4) cp_async16(sb + kRows * F * 2 + e * 16, ii + e * 4, 16);
       }
       if (dy_ring) {  // the block's grad_y rows of this group: kRows labels each, zeros past the group or batch
 #pragma unroll
         for (int it = 0; it < KCG; ++it) {
           const int n = dy_src[it] != nullptr ? xmax(0, xmin(8, nval - dy_c8[it])) : 0;
-          cp_async16(sb + dy_dst[it], n > 0 ? dy_src[it] + lg : dy, 2 * n);
+          cp_async16(sb + dy_dst[it], n > 0 ? dy_src[it] + li : dy, 2 * n);
         }
       }
     }
     cp_async_commit();
+    ++gi;
+    li += G;
+    wi += wstep;
+    ii += F;
   };
-  auto load_dy = [&](uint4 d[KCG], int64_t g) {
+  // Without the ring, each thread loads its rows' pieces (rows wrow + r4 and + 8) one group ahead.
+  auto load_dy = [&](uint4 d[2][KCG], int64_t g) {
     const int64_t lg = g * G, lend = xmin<int64_t>(lg + G, L);
 #pragma unroll
-    for (int kc = 0; kc < KCG; ++kc) {
-      const int64_t l = lg + kc * 32 + 8 * q;
-      d[kc] = !dy_ring && row_ok && g < g_end ? load_elems<8>(dy + row * L + l, lend - l, dy_vec)
-                                              : make_uint4(0, 0, 0, 0);
+    for (int n = 0; n < 2; ++n) {
+      const int64_t row = wrow + 8 * n + r4;
+#pragma unroll
+      for (int kc = 0; kc < KCG; ++kc) {
+        const int64_t l = lg + kc * 32 + 8 * q;
+        d[n][kc] = !dy_ring && row < B && g < g_end ? load_elems<8>(dy + row * L + l, lend - l, dy_vec)
+                                                    : make_uint4(0, 0, 0, 0);
+      }
     }
   };
 
-  for (int k = 0; k < ns - 1; ++k) issue(g_begin + k, k);
-  uint4 dyn[KCG];
+  for (int k = 0; k < ns - 1; ++k) issue(k);
+  uint4 dyn[2][KCG];
   load_dy(dyn, g_begin);
-  // ldmatrix.x4.trans: lane 8i + r gives label row r of matrix i; i & 1 is the k half, i >> 1 the tile of a pair.
+  // ldmatrix.x4.trans: lane 8i + r gives label row r of matrix i; i >> 1 is the k half, i & 1 the slot half of
+  // the 16-slot tile, so the four registers are the A fragment {a0, a1, a2, a3} of W_g^T.
   const int mi = lane >> 3, rr = lane & 7;
   uint32_t lrow_off[KCG][2];  // this lane's ldmatrix row (a weight label) and its swizzle, the same every group
   int lrow_swz[KCG][2];
@@ -265,7 +302,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   for (int kc = 0; kc < KCG; ++kc)
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      const int lrow = kc * 32 + 8 * (rr >> 1) + 4 * s + 2 * (mi & 1) + (rr & 1);
+      const int lrow = kc * 32 + 8 * (rr >> 1) + 4 * s + 2 * (mi >> 1) + (rr & 1);
       lrow_off[kc][s] = lrow * F * 2;
       lrow_swz[kc][s] = stage_swz(lrow, smask);
     }
@@ -275,69 +312,76 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
                slot_next = slot_next + 1 == ns ? 0 : slot_next + 1) {
     if (ns == 2) cp_async_wait<0>(); else if (ns == 3) cp_async_wait<1>(); else cp_async_wait<2>();
     __syncthreads();  // stage i is in; every warp is done with the stage that the next issue overwrites
-    issue(g + ns - 1, slot_next);
-    uint4 dyc[KCG];
+    issue(slot_next);
+    uint4 dyc[2][KCG];
 #pragma unroll
-    for (int kc = 0; kc < KCG; ++kc) dyc[kc] = dyn[kc];
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int kc = 0; kc < KCG; ++kc) dyc[n][kc] = dyn[n][kc];
     load_dy(dyn, g + 1);
-    if (b0 >= B) continue;
+    if (wrow >= B) continue;
     const uint32_t sb = ring_s + (uint32_t)(slot * stage_bytes);
     if (dy_ring) {
-      const unsigned char *dt = ring + slot * stage_bytes + dy_off + (warp * kDxRows + r4) * kRows * 2;
 #pragma unroll
-      for (int kc = 0; kc < KCG; ++kc) dyc[kc] = *reinterpret_cast<const uint4 *>(dt + (kc * 32 + 8 * q) * 2);
+      for (int n = 0; n < 2; ++n) {
+        const unsigned char *dt = ring + slot * stage_bytes + dy_off + (16 * wp + 8 * n + r4) * kRows * 2;
+#pragma unroll
+        for (int kc = 0; kc < KCG; ++kc) dyc[n][kc] = *reinterpret_cast<const uint4 *>(dt + (kc * 32 + 8 * q) * 2);
+      }
     }
-    const int *ids = reinterpret_cast<const int *>(ring + slot * stage_bytes + kRows * F * 2);
+    const uint32_t ids_s = sb + kRows * F * 2;
+    // This warp's 16-slot tiles par, par + 2, ..., four at a time. The accumulators' old values are read
+    // first, so their latency (feature id, address, then the 128-bit read) overlaps the products; then all
+    // writes (a group's feature ids are distinct, so no write waits on another's read).
 #pragma unroll
-    for (int fc = 0; fc * 64 < F; ++fc) {
-      float acc[8][4];
+    for (int m0 = par; m0 * 16 < F; m0 += 8) {
+      // k = 2 m + u: slot 16 (m0 + 2 m) + 8 u + r4
+      uint32_t ad[8];
+      float4 old[8];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.f;
-#pragma unroll
-      for (int kc = 0; kc < KCG; ++kc)
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          const uint32_t a[4] = {word(dyc[kc], 2 * s), 0u, word(dyc[kc], 2 * s + 1), 0u};
-          const int sw = lrow_swz[kc][s];
-          const uint32_t rbase = sb + lrow_off[kc][s];
-#pragma unroll
-          for (int p = 0; p < 4; ++p) {
-            const int tile = fc * 8 + 2 * p;
-            if (tile * 8 >= F) break;
-            uint32_t b[4];
-            ldsm_x4_trans(b, rbase + (((tile + (mi >> 1)) ^ sw) << 4));
-            mma16816(T(), acc[2 * p], a, b[0], b[1]);
-            mma16816(T(), acc[2 * p + 1], a, b[2], b[3]);
-          }
+      for (int k = 0; k < 8; ++k) {
+        const int t = 16 * (m0 + 2 * (k >> 1)) + 8 * (k & 1) + r4;
+        if (t < F) {
+          const uint32_t h = (uint32_t)lds_i32(ids_s + 4 * t);
+          ad[k] = acc_s + h * acc_r + (lane_off ^ ((h & swz) << 6));
+          old[k] = lds_f32x4(ad[k]);
         }
-      // Column n = 2q + j of tile u is slot 64 fc + 8u + 2q + j. Reads first, then writes (ids are distinct).
-      int h[16];
-      float old[16];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int t = fc * 64 + 8 * u + 2 * q;
-        const int2 v = t < F ? *reinterpret_cast<const int2 *>(ids + t) : make_int2(0, 0);
-        h[2 * u] = v.x;
-        h[2 * u + 1] = v.y;
       }
-      // 32-bit shared addresses: one instruction per element (the C++ indexing took two)
-      uint32_t ad[16];
+      float acc[4][2][4];
 #pragma unroll
-      for (int k = 0; k < 16; ++k) {
-        ad[k] = acc_s + ((uint32_t)h[k] << 2);
-        old[k] = fc * 64 + 8 * (k >> 1) + 2 * q < F ? lds_f32(ad[k]) : 0.f;
+      for (int m = 0; m < 4; ++m) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+        const int t16 = 16 * (m0 + 2 * m);
+        if (t16 >= F) break;
+        // the upper 8 slots of a last, half tile (F = 8 mod 16) read chunk cpr - 1 again; their rows of P are unused
+        const int chunk = F % 16 == 0 ? t16 / 8 + (mi & 1) : xmin(t16 / 8 + (mi & 1), cpr - 1);
+#pragma unroll
+        for (int kc = 0; kc < KCG; ++kc)
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            uint32_t a[4];
+            ldsm_x4_trans(a, sb + lrow_off[kc][s] + ((chunk ^ lrow_swz[kc][s]) << 4));
+#pragma unroll
+            for (int n = 0; n < 2; ++n) mma16816(T(), acc[m][n], a, word(dyc[n][kc], 2 * s), word(dyc[n][kc], 2 * s + 1));
+          }
       }
+      // acc[m][n][2 u + j]: slot 16 (m0 + 2 m) + 8 u + r4, row 8 n + 2 q + j of the pair.
 #pragma unroll
-      for (int k = 0; k < 16; ++k)
-        if (fc * 64 + 8 * (k >> 1) + 2 * q < F) sts_f32(ad[k], old[k] + acc[k >> 1][k & 1]);
+      for (int k = 0; k < 8; ++k) {
+        const int t = 16 * (m0 + 2 * (k >> 1)) + 8 * (k & 1) + r4, m = k >> 1, u = k & 1;
+        if (t < F)
+          sts_f32x4(ad[k], make_float4(old[k].x + acc[m][0][2 * u], old[k].y + acc[m][0][2 * u + 1],
+                                       old[k].z + acc[m][1][2 * u], old[k].w + acc[m][1][2 * u + 1]));
+      }
     }
   }
   cp_async_wait<0>();
   __syncthreads();
-  const int64_t rows = xmin<int64_t>(BTB, B - brow);
+  const int64_t rows = xmin<int64_t>(R, B - brow);
   for (int64_t e = threadIdx.x; e < rows * H; e += nthreads) {
     const int64_t r = e / H, hh = e - r * H;
-    part[((int64_t)c * B + brow + r) * H + hh] = accs[r * hs + hh];
+    part[((int64_t)c * B + brow + r) * H + hh] = accs[acc_word(hh, (int)r, R)];
   }
 }
 
@@ -413,17 +457,15 @@ int grad_input_generic(xmc_gsffi_shape s, const void *dy, const void *w, const i
 }
 
 // Launches a tensor-core grad_input kernel (dx_mma or dx_mma_staged) over (group chunk, batch tile) blocks
-// of nwarps warps, with extra_smem bytes of shared memory beside the accumulators; tail... are the kernel's
+// of nwarps warps with smem bytes of shared memory; hs is the kernel's accumulator stride and tail... its
 // arguments after the common ones.
 template <class T, class Kernel, class... Tail>
 int grad_input_tc(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st,
-                  int nwarps, Kernel kernel, size_t extra_smem, Tail... tail) {
-  const int hs = (int)acc_stride(s.in_features);
-  const size_t smem = (size_t)nwarps * kDxRows * hs * sizeof(float) + extra_smem;
+                  int nwarps, int rows, Kernel kernel, size_t smem, int hs, Tail... tail) {
   const int per_sm = prepare(kernel, nwarps * 32, smem);
   XMC_CHECK_LAUNCH();
   const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
-  const int nbt = (int)((s.batch + nwarps * kDxRows - 1) / (nwarps * kDxRows));
+  const int nbt = (int)((s.batch + rows - 1) / rows);
   const int64_t chunks = mma_chunks(per_sm, nbt, n_groups);
   return with_partials<T, float>(s, chunks, false, gx, st, [&](float *part) {
     kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
@@ -436,49 +478,58 @@ template <class T, int KCG>
 int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st,
                    int nwarps, bool dy_vec) {
   const bool idx_vec = (uintptr_t)idx % 16 == 0;
-  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma<T, KCG>, 0, dy_vec, idx_vec);
+  const int hs = (int)acc_stride(s.in_features);
+  const size_t smem = (size_t)nwarps * kDxRows * hs * sizeof(float);
+  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, nwarps * kDxRows, dx_mma<T, KCG>, smem, hs, dy_vec,
+                          idx_vec);
 }
 
-// The staged kernel with the fan-in and warp count fixed where they are the common ones (F = 64 or 128, 8 warps).
+// The staged kernel for `pairs` warp pairs (16 rows each), with the fan-in and warp count fixed where they
+// are the common ones (F = 64 or 128, 8 warps).
 template <class T, int KCG>
 int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st,
-                      int nwarps, bool dy_vec, int ns, int stage_bytes, bool dy_ring) {
-  const size_t ring = (size_t)ns * stage_bytes;
+                      int pairs, bool dy_vec, int ns, int stage_bytes, bool dy_ring) {
+  const int nwarps = 2 * pairs, rows = 16 * pairs;
+  const size_t smem = (size_t)acc_tbytes(s.in_features, rows) + (size_t)ns * stage_bytes;
   if (nwarps == 8 && s.fan_in == 64)
-    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma_staged<T, KCG, 64, 8>, ring, ns, stage_bytes,
-                            dy_vec, dy_ring);
+    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 64, 8>, smem, rows, ns,
+                            stage_bytes, dy_vec, dy_ring);
   if (nwarps == 8 && s.fan_in == 128)
-    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma_staged<T, KCG, 128, 8>, ring, ns, stage_bytes,
-                            dy_vec, dy_ring);
-  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, dx_mma_staged<T, KCG, 0, 0>, ring, ns, stage_bytes, dy_vec,
-                          dy_ring);
+    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 128, 8>, smem, rows, ns,
+                            stage_bytes, dy_vec, dy_ring);
+  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 0, 0>, smem, rows, ns,
+                          stage_bytes, dy_vec, dy_ring);
 }
 
 template <class T>
 int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st) {
-  // Warps that fit: each owns kDxRows rows x H fp32 accumulators; no more warps than the batch has row tiles.
-  const int64_t per_warp = kDxRows * acc_stride(s.in_features) * (int64_t)sizeof(float);
-  int nwarps = (int)xmin<int64_t>(kDxMaxWarps, smem_optin() / per_warp);
-  nwarps = (int)xmin<int64_t>(nwarps, (s.batch + kDxRows - 1) / kDxRows);
-  const bool ok = nwarps >= 1 && s.fan_in % 8 == 0 && s.group_size <= 128 && (uintptr_t)w % 16 == 0;
-  if (!ok) return grad_input_generic<T>(s, dy, w, idx, gx, st);
+  const bool mma_ok = s.fan_in % 8 == 0 && s.group_size <= 128 && (uintptr_t)w % 16 == 0;
+  if (!mma_ok) return grad_input_generic<T>(s, dy, w, idx, gx, st);
+  const int64_t optin = smem_optin();
   const int kcg = (int)((s.group_size + 31) / 32);
-  // Ring beside the accumulators: 2 to 4 stages of 32 KCG weight rows and F feature ids, plus, where 3 or more
-  // stages still fit, the block's grad_y tile: then grad_y, the largest stream, has 2-3 groups in flight
-  // per block instead of one per warp (Little's law: one group in flight held grad_input to ~0.35 TB/s).
-  const int rows_w = 32 * (kcg == 3 ? 4 : kcg);
-  const int stage_w = (int)(rows_w * s.fan_in * 2 + s.fan_in * 4);
-  const int stage_dy = (int)(stage_w + nwarps * kDxRows * rows_w * 2);
-  const int64_t spare = smem_optin() - (int64_t)nwarps * kDxRows * acc_stride(s.in_features) * (int64_t)sizeof(float);
   const bool dy_ok = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0;
-  const bool dy_ring = dy_ok && spare / stage_dy >= 3;
-  const int stage_bytes = ((dy_ring ? stage_dy : stage_w) + 15) / 16 * 16;
-  const int ns = (int)xmin<int64_t>(4, spare / stage_bytes);
-  if (ns >= 2 && (uintptr_t)idx % 16 == 0) {
-    if (kcg == 1) return grad_input_staged<T, 1>(s, dy, w, idx, gx, st, nwarps, dy_ok, ns, stage_bytes, dy_ring);
-    if (kcg == 2) return grad_input_staged<T, 2>(s, dy, w, idx, gx, st, nwarps, dy_ok, ns, stage_bytes, dy_ring);
-    return grad_input_staged<T, 4>(s, dy, w, idx, gx, st, nwarps, dy_ok, ns, stage_bytes, dy_ring);
+  // Staged kernel: the most warp pairs (each 16 batch rows of feature-major accumulators) that leave room for a
+  // ring of 2 to 4 stages of 32 KCG weight rows and F feature ids, plus, where 3 or more stages still fit, the
+  // block's grad_y tile: then grad_y, the largest stream, has 2-3 groups in flight per block instead of one
+  // per warp (Little's law: one group in flight held grad_input to ~0.35 TB/s).
+  const int rows_w = 32 * (kcg == 3 ? 4 : kcg);
+  const int stage_w = (int)((rows_w * s.fan_in * 2 + s.fan_in * 4 + 15) / 16 * 16);
+  int pairs = (int)xmin<int64_t>(kDxMaxWarps / 2, (s.batch + 15) / 16);
+  while (pairs > 0 && acc_tbytes(s.in_features, 16 * pairs) + 2 * stage_w > optin) --pairs;
+  if (pairs >= 1 && (uintptr_t)idx % 16 == 0) {
+    const int64_t spare = optin - acc_tbytes(s.in_features, 16 * pairs);
+    const int stage_dy = (int)((stage_w + 16 * pairs * rows_w * 2 + 15) / 16 * 16);
+    const bool dy_ring = dy_ok && spare / stage_dy >= 3;
+    const int stage_bytes = dy_ring ? stage_dy : stage_w;
+    const int ns = (int)xmin<int64_t>(4, spare / stage_bytes);
+    if (kcg == 1) return grad_input_staged<T, 1>(s, dy, w, idx, gx, st, pairs, dy_ok, ns, stage_bytes, dy_ring);
+    if (kcg == 2) return grad_input_staged<T, 2>(s, dy, w, idx, gx, st, pairs, dy_ok, ns, stage_bytes, dy_ring);
+    return grad_input_staged<T, 4>(s, dy, w, idx, gx, st, pairs, dy_ok, ns, stage_bytes, dy_ring);
   }
+  // Unstaged kernel (feature ids not 16-byte aligned, or H too large for a ring): row-major accumulators.
+  const int64_t per_warp = kDxRows * acc_stride(s.in_features) * (int64_t)sizeof(float);
+  const int nwarps = (int)xmin<int64_t>(xmin<int64_t>(kDxMaxWarps, optin / per_warp), (s.batch + kDxRows - 1) / kDxRows);
+  if (nwarps < 1) return grad_input_generic<T>(s, dy, w, idx, gx, st);
   if (kcg == 1) return grad_input_mma<T, 1>(s, dy, w, idx, gx, st, nwarps, dy_ok);
   if (kcg == 2) return grad_input_mma<T, 2>(s, dy, w, idx, gx, st, nwarps, dy_ok);
   return grad_input_mma<T, 4>(s, dy, w, idx, gx, st, nwarps, dy_ok);
