@@ -74,14 +74,14 @@ def check_one(B, Hh, L, F, G, dtype, bias=True, determinism=False):
     torch.cuda.synchronize()
     ry = reference(x, w, idx, b, G)
     rx, rw, rb = reference_grads(x, w, idx, b, G, gy)
-    errs = {"y": rel(y, ry), "gx": rel(gx, rx), "gw": rel(gw, rw)}
-    finite = all(torch.isfinite(t).all().item() for t in (y, gx, gw))
+    errs = {"y": rel(y, ry), "gx": rel(gx, rx), "gw": rel(gw, rw), "gb": rel(gb, rb) if bias else 0.0}
+    finite = all(torch.isfinite(t).all().item() for t in (y, gx, gw) + ((gb,) if bias else ()))
     ok = finite and all(e <= TOL[dtype] for e in errs.values())
     det = None
     if determinism:
-        gx2, gw2, _ = BWD(gy, x, w, idx, G, [True, True, False])
+        gx2, gw2, gb2 = BWD(gy, x, w, idx, G, [True, True, bias])
         y2 = FWD(x, w, idx, b, G)
-        det = torch.equal(gx, gx2) and torch.equal(gw, gw2) and torch.equal(y, y2)
+        det = torch.equal(gx, gx2) and torch.equal(gw, gw2) and torch.equal(y, y2) and (not bias or torch.equal(gb, gb2))
         ok = ok and det
     return ok, errs, finite, det
 
@@ -109,8 +109,8 @@ def run_check(small=False):
                                               determinism=not small and dt == torch.bfloat16)
             all_ok &= ok
             rows.append(dict(shape=f"{B}x{Hh}->{L} F{F} G{G}", dtype=str(dt)[6:], y=errs["y"], gx=errs["gx"],
-                             gw=errs["gw"], finite=finite, det=det, ok=ok))
-    print_table(rows, ["shape", "dtype", "y", "gx", "gw", "finite", "det", "ok"])
+                             gw=errs["gw"], gb=errs["gb"], finite=finite, det=det, ok=ok))
+    print_table(rows, ["shape", "dtype", "y", "gx", "gw", "gb", "finite", "det", "ok"])
     if not small:
         all_ok &= check_big()
     print("CHECK", "PASS" if all_ok else "FAIL")

@@ -112,6 +112,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gsffi_backward(const at::Tensor &
   if (output_mask[0]) gx = at::empty({s.batch, s.in_features}, x.options());
   if (output_mask[1]) gw = s.batch > 0 ? at::empty({s.out_features, s.fan_in}, weight.options())
                                        : at::zeros({s.out_features, s.fan_in}, weight.options());
+  // The bias gradient rides on the weight gradient's pass over grad_y where the device has that kernel.
+  const bool bias_in_pass = output_mask[2] && gw.defined() && s.batch > 0 && !k.backward && k.grad_weight_bias;
+  if (bias_in_pass) gb = at::empty({s.out_features}, x.options());
   if (s.batch > 0 && (gx.defined() || gw.defined())) {
     auto w = weight.contiguous();
     auto x2 = x.reshape({-1, s.in_features}).contiguous();
@@ -123,11 +126,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gsffi_backward(const at::Tensor &
                               k.exec(x)), k);
     } else {
       if (gx_ptr) check_rc(op, k.grad_input(s, dt, dy.const_data_ptr(), w.const_data_ptr(), ix, gx_ptr, k.exec(x)), k);
-      if (gw_ptr) check_rc(op, k.grad_weight(s, dt, dy.const_data_ptr(), x2.const_data_ptr(), ix, gw_ptr, k.exec(x)), k);
+      if (gw_ptr && bias_in_pass)
+        check_rc(op, k.grad_weight_bias(s, dt, dy.const_data_ptr(), x2.const_data_ptr(), ix, gw_ptr,
+                                        gb.mutable_data_ptr(), k.exec(x)), k);
+      else if (gw_ptr)
+        check_rc(op, k.grad_weight(s, dt, dy.const_data_ptr(), x2.const_data_ptr(), ix, gw_ptr, k.exec(x)), k);
     }
   }
   if (gx.defined()) gx = gx.view(with_last(lead, s.in_features));
-  if (output_mask[2]) {
+  if (output_mask[2] && !bias_in_pass) {
     // Reduced in the accumulation dtype, like nn.Linear's bias gradient.
     auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     gb = dy.sum({0}, false, acc).to(x.scalar_type());

@@ -18,6 +18,9 @@ struct GsffiKernels {
   xmc_gsffi_grad_input_fn grad_input;
   xmc_gsffi_grad_weight_fn grad_weight;
   xmc_gsffi_backward_fn backward;  // both gradients in one pass, or nullptr: then the two above, one by one
+  // grad_weight with the bias gradient from the same pass over grad_y, or nullptr: then the bias gradient is
+  // a separate reduction of grad_y
+  xmc_gsffi_grad_weight_bias_fn grad_weight_bias;
   xmc_exec (*exec)(const at::Tensor &like);  // thread count, or the current stream of like's device
   const char *(*error_string)(int code);
   bool check_index_range;  // scan indices on every call: cheap on CPU; on CUDA it would need a host sync

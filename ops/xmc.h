@@ -57,6 +57,11 @@ typedef int (*xmc_gsffi_grad_weight_fn)(xmc_gsffi_shape s, xmc_dtype dt, const v
 typedef int (*xmc_gsffi_backward_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
                                      const void *weight, const int32_t *indices, void *grad_x, void *grad_weight,
                                      xmc_exec ex);
+/* grad_weight and, where grad_bias is not NULL, the bias gradient sum_b grad_y[b, l] (in the dtype, summed in
+ * float32 / float64) from the same pass over grad_y. */
+typedef int (*xmc_gsffi_grad_weight_bias_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                                             const int32_t *indices, void *grad_weight, void *grad_bias,
+                                             xmc_exec ex);
 
 /* CPU (ops/cpu/): float32, bfloat16, float64. */
 int xmc_gsffi_forward_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
@@ -80,6 +85,8 @@ int xmc_gsffi_grad_input_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_
                               const int32_t *indices, void *grad_x, xmc_exec ex);
 int xmc_gsffi_grad_weight_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
                                const int32_t *indices, void *grad_weight, xmc_exec ex);
+int xmc_gsffi_grad_weight_bias_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                                    const int32_t *indices, void *grad_weight, void *grad_bias, xmc_exec ex);
 /* Text for a nonzero code returned by a CUDA launcher. */
 const char *xmc_cuda_error_string(int code);
 

@@ -7,6 +7,10 @@
 // fragments directly. grad_y rows are loaded 2-16 labels wide and turned into A fragments by byte permutes
 // (an A k pair spans two batch rows). A warp item is (group, label chunk, slot chunk), slot chunk fastest, so
 // the warps that share a group's grad_y run side by side and hit L1/L2.
+//
+// The bias gradient, grad_b[l] = sum_b grad_y[b, l], can come out of the same pass: the warp that holds a
+// label chunk's grad_y fragments for slot chunk 0 adds one more mma per tile with an all-ones B operand, so
+// grad_y is read once for both (as a separate reduction it was another pass over the B x L gradient).
 #include "gsffi_common.cuh"
 
 namespace xmc_cuda {
@@ -34,8 +38,10 @@ constexpr int kDwThreads = 256;
 template <class T, int LW, int NTW>
 __global__ void __launch_bounds__(kDwThreads, 1)
     dw_mma(const T *__restrict__ dy, const T *__restrict__ xt, const int32_t *__restrict__ idx, T *__restrict__ gw,
-           int64_t B, int64_t Bp, int64_t L, int F, int G, int nlc, int nsc, int64_t n_items, bool dy_vec) {
+           T *__restrict__ gb, int64_t B, int64_t Bp, int64_t L, int F, int G, int nlc, int nsc, int64_t n_items,
+           bool dy_vec) {
   constexpr int MT = LW / 2;
+  const uint32_t ones = pack2(T(), 1.f, 1.f);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
   const int64_t wstride = (int64_t)gridDim.x * (blockDim.x >> 5);
   for (int64_t item = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp; item < n_items; item += wstride) {
@@ -51,11 +57,14 @@ __global__ void __launch_bounds__(kDwThreads, 1)
       const int t = s0 + nt * 8 + r4;
       xrow[nt] = t < F ? xt + (int64_t)__ldg(idx + g * F + t) * Bp + 8 * q : nullptr;
     }
-    float acc[MT][NTW][4];
+    float acc[MT][NTW][4], accb[MT][4];  // accb: row sums of the grad_y tile (every column the same)
+    const bool with_b = gb != nullptr && sc == 0;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt) {
+      accb[mt][0] = accb[mt][1] = accb[mt][2] = accb[mt][3] = 0.f;
 #pragma unroll
       for (int nt = 0; nt < NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+    }
 
     // Chunk kb + 32's loads are issued before chunk kb's arithmetic (two register stages), so each warp
     // keeps two chunks of grad_y and gathered x in flight: the kernel waited on load latency before.
@@ -82,6 +91,7 @@ __global__ void __launch_bounds__(kDwThreads, 1)
                                  halves(word(dd[4 * s + 2], mt), word(dd[4 * s + 3], mt), true)};
 #pragma unroll
           for (int nt = 0; nt < NTW; ++nt) mma16816(T(), acc[mt][nt], a, word(xx[nt], 2 * s), word(xx[nt], 2 * s + 1));
+          if (with_b) mma16816(T(), accb[mt], a, ones, ones);
         }
     };
     load_chunk(d[0], xv[0], 0);
@@ -104,6 +114,26 @@ __global__ void __launch_bounds__(kDwThreads, 1)
             *reinterpret_cast<uint32_t *>(gw + l * F + t) = pack2(T(), acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
         }
       }
+    if (with_b && q == 0) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int64_t l = lane_l + 2 * mt + hh;
+          if (l < lend) put(gb + l, accb[mt][2 * hh]);
+        }
+    }
+  }
+}
+
+// Bias gradient where the weight gradient has no tensor-core pass to share: one thread per label, l fastest.
+template <class T>
+__global__ void db_generic(const T *__restrict__ dy, T *__restrict__ gb, int64_t B, int64_t L) {
+  using A = typename AccT<T>::type;
+  for (int64_t l = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; l < L; l += (int64_t)gridDim.x * blockDim.x) {
+    A s = 0;
+    for (int64_t b = 0; b < B; ++b) s += (A)to_acc(dy[b * L + l]);
+    put(gb + l, s);
   }
 }
 
@@ -123,18 +153,23 @@ __global__ void dw_generic(const T *__restrict__ dy, const T *__restrict__ x, co
 }
 
 template <class T>
-int grad_weight_generic(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw,
+int grad_weight_generic(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw, void *gb,
                         cudaStream_t st) {
   const int64_t n = s.out_features * s.fan_in;
   const int64_t blocks = xmin<int64_t>((n + 255) / 256, (int64_t)num_sms() * 32);
   dw_generic<T><<<(unsigned)blocks, 256, 0, st>>>((const T *)dy, (const T *)x, idx, (T *)gw, s.batch,
                                                   s.in_features, s.out_features, s.fan_in, s.group_size);
   XMC_CHECK_LAUNCH();
+  if (gb) {
+    const int64_t bblocks = xmin<int64_t>((s.out_features + 255) / 256, (int64_t)num_sms() * 32);
+    db_generic<T><<<(unsigned)bblocks, 256, 0, st>>>((const T *)dy, (T *)gb, s.batch, s.out_features);
+    XMC_CHECK_LAUNCH();
+  }
   return 0;
 }
 
 template <class T, int LW, int NTW>
-int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw,
+int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw, void *gb,
                     cudaStream_t st) {
   const int64_t Bp = (s.batch + 31) / 32 * 32;
   T *xt = nullptr;
@@ -155,8 +190,9 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int3
     const int64_t warps = kDwThreads / 32;
     const int64_t blocks = xmin<int64_t>((int64_t)num_sms() * xmax(per_sm, 1), (n_items + warps - 1) / warps);
     const bool dy_vec = s.out_features % LW == 0 && s.group_size % LW == 0 && (uintptr_t)dy % (2 * LW) == 0;
-    kernel<<<(unsigned)blocks, kDwThreads, 0, st>>>((const T *)dy, xt, idx, (T *)gw, s.batch, Bp, s.out_features,
-                                                    (int)s.fan_in, (int)s.group_size, nlc, nsc, n_items, dy_vec);
+    kernel<<<(unsigned)blocks, kDwThreads, 0, st>>>((const T *)dy, xt, idx, (T *)gw, (T *)gb, s.batch, Bp,
+                                                    s.out_features, (int)s.fan_in, (int)s.group_size, nlc, nsc,
+                                                    n_items, dy_vec);
     rc = last_error();
   }
   cudaFreeAsync(xt, st);
@@ -164,29 +200,35 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int3
 }
 
 template <class T>
-int grad_weight_half(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw,
+int grad_weight_half(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw, void *gb,
                      cudaStream_t st) {
   const bool ok = s.fan_in % 8 == 0 && (uintptr_t)gw % 4 == 0;
-  if (!ok) return grad_weight_generic<T>(s, dy, x, idx, gw, st);
+  if (!ok) return grad_weight_generic<T>(s, dy, x, idx, gw, gb, st);
   // Accumulators: (LW / 2) x NTW x 4 registers = 64.
-  if (s.group_size > 32) return grad_weight_mma<T, 8, 4>(s, dy, x, idx, gw, st);
-  if (s.group_size > 16) return grad_weight_mma<T, 4, 8>(s, dy, x, idx, gw, st);
-  return grad_weight_mma<T, 2, 8>(s, dy, x, idx, gw, st);
+  if (s.group_size > 32) return grad_weight_mma<T, 8, 4>(s, dy, x, idx, gw, gb, st);
+  if (s.group_size > 16) return grad_weight_mma<T, 4, 8>(s, dy, x, idx, gw, gb, st);
+  return grad_weight_mma<T, 2, 8>(s, dy, x, idx, gw, gb, st);
 }
 
 }  // namespace
 }  // namespace xmc_cuda
 
-extern "C" int xmc_gsffi_grad_weight_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
-                                          const int32_t *indices, void *grad_weight, xmc_exec ex) {
+extern "C" int xmc_gsffi_grad_weight_bias_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                                               const int32_t *indices, void *grad_weight, void *grad_bias,
+                                               xmc_exec ex) {
   using namespace xmc_cuda;
   if (s.batch == 0) return 0;
   cudaStream_t st = (cudaStream_t)ex.stream;
   switch (dt) {
-    case XMC_BF16: return grad_weight_half<__nv_bfloat16>(s, grad_y, x, indices, grad_weight, st);
-    case XMC_F16: return grad_weight_half<__half>(s, grad_y, x, indices, grad_weight, st);
-    case XMC_F32: return grad_weight_generic<float>(s, grad_y, x, indices, grad_weight, st);
-    case XMC_F64: return grad_weight_generic<double>(s, grad_y, x, indices, grad_weight, st);
+    case XMC_BF16: return grad_weight_half<__nv_bfloat16>(s, grad_y, x, indices, grad_weight, grad_bias, st);
+    case XMC_F16: return grad_weight_half<__half>(s, grad_y, x, indices, grad_weight, grad_bias, st);
+    case XMC_F32: return grad_weight_generic<float>(s, grad_y, x, indices, grad_weight, grad_bias, st);
+    case XMC_F64: return grad_weight_generic<double>(s, grad_y, x, indices, grad_weight, grad_bias, st);
   }
   return XMC_ERR_DTYPE;
+}
+
+extern "C" int xmc_gsffi_grad_weight_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                                          const int32_t *indices, void *grad_weight, xmc_exec ex) {
+  return xmc_gsffi_grad_weight_bias_cuda(s, dt, grad_y, x, indices, grad_weight, nullptr, ex);
 }
