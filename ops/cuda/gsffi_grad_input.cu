@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
                   int R_arg, int ns, int stage_bytes, bool dy_vec, bool dy_ring) {
   extern __shared__ __align__(16) float accs[];
   const int F = FT ? FT : F_arg, nthreads = NWT ? NWT * 32 : (int)blockDim.x;
-  const int nwarps = nthreads >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
   const int R = NWT ? NWT * kDxRows : R_arg;  // block rows: 16 per warp pair
   const int wp = warp >> 1, par = warp & 1;  // pair (its 16 rows) and parity (its 16-slot tiles)
   for (int e = threadIdx.x; e < H * R; e += nthreads) accs[e] = 0.f;
