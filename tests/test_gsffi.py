@@ -174,7 +174,7 @@ def test_module_is_a_drop_in_for_linear(device):
     assert layer.weight.shape == (1001, 16) and layer.bias.shape == (1001,)
     assert layer.indices.shape == (32, 16) and layer.indices.dtype == torch.int32
     XF.check_indices(layer.indices, 64, 1001, 32)
-    assert torch.all(layer.indices[:, 1:] > layer.indices[:, :-1])  # sorted, distinct
+    assert torch.equal(layer.indices, layer.indices.gather(1, XF.slot_order(layer.indices)))  # canonical order
     bound = 1 / math.sqrt(16)
     assert layer.weight.abs().max() <= bound and layer.weight.std() > bound / 3
     assert "in_features=64, out_features=1001, fan_in=16, group_size=32, bias=True" in repr(layer)
@@ -305,3 +305,30 @@ def test_device_mismatch_is_an_error():
     x, w, idx, b = make(2, 12, 10, 4, 3, "cpu", torch.float32)
     with pytest.raises(RuntimeError, match=r"weight must be on cpu like x, got cuda"):
         OP(x, w.cuda(), idx, b, 3)
+
+
+@pytest.mark.parametrize("F", [64, 128, 32, 16, 24])
+def test_slot_order(F):
+    """A permutation of each row that depends only on the row's set of ids (idempotent); for F % 32 == 0 the
+    8-slot gather sets hold distinct ids mod 8 wherever that is possible, and the scatter pairs differ in parity."""
+    torch.manual_seed(F)
+    feat = torch.rand(50, 768).topk(F, dim=1).indices
+    order = XF.slot_order(feat)
+    canon = feat.gather(1, order)
+    assert torch.equal(canon.sort(dim=1).values, feat.sort(dim=1).values)
+    shuffled = feat.gather(1, torch.rand(50, F).argsort(dim=1))
+    assert torch.equal(shuffled.gather(1, XF.slot_order(shuffled)), canon)
+    if F % 32:
+        assert torch.equal(canon, feat.sort(dim=1).values)
+        return
+    # balanced rows: exactly F / 8 ids of each residue mod 8
+    base = torch.stack([torch.randperm(96)[: F // 8] * 8 + r for r in range(8)], dim=1).flatten()
+    rows = torch.stack([base[torch.randperm(F)] for _ in range(10)])
+    canon = rows.gather(1, XF.slot_order(rows))
+    for kc in range(F // 32):
+        for s in range(2):
+            for b in range(2):
+                slots = [32 * kc + 8 * a + 4 * s + 2 * b + e for a in range(4) for e in range(2)]
+                res = canon[:, slots] % 8
+                assert torch.equal(res.sort(dim=1).values, torch.arange(8).expand(10, 8))
+    assert torch.all(canon[:, 0::2] % 2 != canon[:, 1::2] % 2)

@@ -8,6 +8,30 @@ def num_groups(out_features: int, group_size: int) -> int:
     return -(-out_features // group_size)
 
 
+def slot_order(features: torch.Tensor) -> torch.Tensor:
+    """The canonical order of each group's fan-in slots: int64 [n_groups, F] positions such that
+    ``features.gather(1, slot_order(features))`` is the order in which the layer keeps its indices.
+
+    Any order computes the same function; this one makes the CUDA kernels' shared-memory gathers and scatters
+    conflict-light. Where F is a multiple of 32, the features are ranked by (id mod 8, id) and dealt round-robin
+    over the F / 8 sets of 8 slots that one tensor-core gather step reads together (in each 32-slot chunk,
+    {0, 1, 8, 9, 16, 17, 24, 25} + {0, 2, 4, 6}), so a set holds up to 8 distinct ids mod 8: distinct shared
+    memory banks, where sorted random ids collide ~3 ways. Within a set the residues rise, so the slot pairs
+    (2j, 2j + 1) that the input gradient scatters together differ in parity. Otherwise: ascending ids. The
+    order depends only on each row's set of ids, so applying it twice changes nothing."""
+    n, F = features.shape
+    features = features.long()
+    if F % 32 != 0:
+        return features.argsort(dim=1)
+    ranked = ((features & 7) << 32 | features).argsort(dim=1)  # rank i -> the slot holding it
+    i = torch.arange(F, device=features.device)
+    sets = F // 8
+    s_id, u = i % sets, i // sets  # rank i goes to set s_id, position u in it
+    chunk, s, b = s_id // 4, (s_id % 4) // 2, s_id % 2
+    slot = 32 * chunk + 8 * (u >> 1) + 4 * s + 2 * b + (u & 1)
+    return torch.empty_like(ranked).scatter_(1, slot.expand(n, F), ranked)
+
+
 def check_indices(indices: torch.Tensor, in_features: int, out_features: int, group_size: int) -> None:
     """Raise ValueError unless indices is an int32 [ceil(out_features / group_size), F] tensor whose rows hold
     F distinct feature ids in [0, in_features). Reads the values (a host sync on GPU): call it where indices

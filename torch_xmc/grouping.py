@@ -9,6 +9,7 @@ groups of exactly G, so that a group's labels can share input features that matt
 import torch
 
 from .data import XMCData
+from .functional import slot_order
 
 
 def frequency_order(label_counts: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ def label_order(label_counts: torch.Tensor, group_size: int, method: str = "freq
 
 def indices_from_embeddings(embeddings: torch.Tensor, group_size: int, fan_in: int) -> torch.Tensor:
     """int32 [ceil(L / G), fan_in]: each group's fan_in input features of largest |embedding| mass summed over
-    its labels, sorted. embeddings [L, H] are in the layer's label order and its input space (e.g. PIFA of the
+    its labels, in the canonical slot order (functional.slot_order). embeddings [L, H] are in the layer's label order and its input space (e.g. PIFA of the
     encoder outputs); a group with too little mass fills up with its next-largest (tie: lowest) features."""
     L, H = embeddings.shape
     if not 1 <= fan_in <= H:
@@ -112,4 +113,4 @@ def indices_from_embeddings(embeddings: torch.Tensor, group_size: int, fan_in: i
     mass = torch.zeros(n_groups, H).index_add_(0, torch.arange(L) // group_size, embeddings.float().abs())
     # a stable sort keeps ties in feature order, so all-zero groups get 0 .. F-1: deterministic
     top = torch.sort(mass, dim=1, descending=True, stable=True).indices[:, :fan_in]
-    return top.sort(dim=1).values.to(torch.int32)
+    return top.gather(1, slot_order(top)).to(torch.int32)

@@ -10,13 +10,15 @@ _INDEX_CHUNK = 4096  # groups drawn at a time: bounds the [chunk, in_features] s
 
 
 def random_indices(n_groups: int, in_features: int, fan_in: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """int32 [n_groups, fan_in] on the CPU: per row, fan_in distinct ids of [0, in_features), sorted, drawn
-    from the torch generator (the default one unless given), so torch.manual_seed fixes them."""
+    """int32 [n_groups, fan_in] on the CPU: per row, fan_in distinct ids of [0, in_features) in the canonical
+    slot order (functional.slot_order), drawn from the torch generator (the default one unless given), so
+    torch.manual_seed fixes them."""
     out = torch.empty(n_groups, fan_in, dtype=torch.int32)
     for g0 in range(0, n_groups, _INDEX_CHUNK):
         g1 = min(g0 + _INDEX_CHUNK, n_groups)
         keys = torch.rand(g1 - g0, in_features, generator=generator)
-        out[g0:g1] = keys.topk(fan_in, dim=1).indices.sort(dim=1).values.to(torch.int32)
+        feat = keys.topk(fan_in, dim=1).indices
+        out[g0:g1] = feat.gather(1, XF.slot_order(feat)).to(torch.int32)
     return out
 
 
@@ -26,7 +28,8 @@ class GroupSharedFanIn(nn.Module):
 
     Drops in for ``nn.Linear(in_features, out_features)``: input [..., in_features], output [..., out_features]
     in the same label order. Parameters: ``weight`` [out_features, fan_in], ``bias`` [out_features]; buffer:
-    ``indices`` int32 [ceil(out_features / group_size), fan_in] (distinct and sorted per group).
+    ``indices`` int32 [ceil(out_features / group_size), fan_in] (distinct per group, in the canonical slot order
+    of ``functional.slot_order``; any order is computed correctly, that one fastest on the GPU).
     """
 
     __constants__ = ["in_features", "out_features", "fan_in", "group_size"]
@@ -92,7 +95,8 @@ class GroupSharedFanIn(nn.Module):
         group_of = torch.arange(L, device=w.device) // group_size
         score = torch.zeros(layer.num_groups, H, device=w.device, dtype=torch.float32)
         score.index_add_(0, group_of, w.abs().float())
-        idx = score.topk(fan_in, dim=1).indices.sort(dim=1).values
+        idx = score.topk(fan_in, dim=1).indices
+        idx = idx.gather(1, XF.slot_order(idx))
         with torch.no_grad():
             layer.indices.copy_(idx)
             layer.weight.copy_(w.gather(1, idx[group_of]))

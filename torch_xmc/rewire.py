@@ -5,13 +5,15 @@ Every ``interval`` steps until ``end``: score each (group, slot) by the mean |we
 prune the globally lowest ``fraction(step)`` of all slots, and give each group as many new input features as it
 lost, drawn among the features it does not hold (at random, or by gradient evidence). Regrown weights are
 re-initialised (zero by default) and their optimizer state (momentum, Adam moments) is reset. Index rows stay
-distinct and sorted: slots are re-sorted by feature id and the weight columns and optimizer state are permuted
-with them, so the layer computes the same function on the kept connections before and after.
+distinct and in the canonical slot order (functional.slot_order): slots are re-ordered and the weight columns
+and optimizer state are permuted with them, so the layer computes the same function on the kept connections
+before and after.
 """
 import math
 
 import torch
 
+from . import functional as XF
 from .modules import GroupSharedFanIn
 
 _CHUNK = 4096  # groups handled at a time: bounds the [chunk, in_features] scratch of the regrowth draw
@@ -81,7 +83,7 @@ def rewire(layer: GroupSharedFanIn, fraction: float, optimizer: torch.optim.Opti
         new_feat[g0:g1] = _draw(idx[g0:g1], pruned[g0:g1], H, evidence[g0:g1] if regrow == "gradient" else None,
                                 generator)
     feat = torch.where(pruned, new_feat, idx)
-    order = feat.argsort(dim=1)
+    order = XF.slot_order(feat)
     is_new = pruned.gather(1, order)
     group_of = torch.arange(layer.out_features, device=device) // G
     col = order[group_of]  # [L, F]: old slot feeding each new slot
