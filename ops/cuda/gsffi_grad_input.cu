@@ -197,12 +197,14 @@ __host__ __device__ inline int64_t acc_tbytes(int64_t H, int R) { return H * R *
 //
 // FT and NWT, where not 0, fix the fan-in and the warp count at compile time: the per-group copy loops and
 // fan-in checks then fold away (with both at run time the loop body is mostly index arithmetic, and the
-// kernel is instruction bound).
-template <class T, int KCG, int FT, int NWT>
+// kernel is instruction bound). DYR: grad_y comes through the ring (else each thread loads its rows' pieces
+// one group ahead); fixed at compile time so that neither path carries the other's register moves.
+template <class T, int KCG, int FT, int NWT, bool DYR>
 __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dx_mma_staged(const T *__restrict__ dy, const T *__restrict__ w, const int32_t *__restrict__ idx,
                   float *__restrict__ part, int64_t B, int H, int64_t L, int F_arg, int G, int64_t n_groups, int nbt,
-                  int R_arg, int ns, int stage_bytes, bool dy_vec, bool dy_ring) {
+                  int R_arg, int ns, int stage_bytes, bool dy_vec) {
+  constexpr bool dy_ring = DYR;
   extern __shared__ __align__(16) float accs[];
   const int F = FT ? FT : F_arg, nthreads = NWT ? NWT * 32 : (int)blockDim.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
@@ -306,6 +308,9 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
       lrow_off[kc][s] = lrow * F * 2;
       lrow_swz[kc][s] = stage_swz(lrow, smask);
     }
+  // This lane's two grad_y rows in a stage (dy_ring).
+  const uint32_t dy_row[2] = {(uint32_t)(dy_off + (16 * wp + r4) * kRows * 2),
+                              (uint32_t)(dy_off + (16 * wp + 8 + r4) * kRows * 2)};
   // Ring slots counted in int: a 64-bit % by a run-time ns is a ~70-instruction call, three times per group.
   int slot = 0, slot_next = ns - 1;
   for (int64_t g = g_begin; g < g_end; ++g, slot = slot + 1 == ns ? 0 : slot + 1,
@@ -314,20 +319,20 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     __syncthreads();  // stage i is in; every warp is done with the stage that the next issue overwrites
     issue(slot_next);
     uint4 dyc[2][KCG];
+    if (!dy_ring) {
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
-      for (int kc = 0; kc < KCG; ++kc) dyc[n][kc] = dyn[n][kc];
-    load_dy(dyn, g + 1);
+        for (int kc = 0; kc < KCG; ++kc) dyc[n][kc] = dyn[n][kc];
+      load_dy(dyn, g + 1);
+    }
     if (wrow >= B) continue;
     const uint32_t sb = ring_s + (uint32_t)(slot * stage_bytes);
-    if (dy_ring) {
+    if (dy_ring) {  // at 32-bit shared addresses (a generic pointer re-derived the shared window every group)
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const unsigned char *dt = ring + slot * stage_bytes + dy_off + (16 * wp + 8 * n + r4) * kRows * 2;
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int kc = 0; kc < KCG; ++kc) dyc[n][kc] = *reinterpret_cast<const uint4 *>(dt + (kc * 32 + 8 * q) * 2);
-      }
+        for (int kc = 0; kc < KCG; ++kc) dyc[n][kc] = lds_u32x4(sb + dy_row[n] + (kc * 32 + 8 * q) * 2);
     }
     const uint32_t ids_s = sb + kRows * F * 2;
     // This warp's 16-slot tiles par, par + 2, ..., four at a time. The accumulators' old values are read
@@ -486,19 +491,26 @@ int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32
 
 // The staged kernel for `pairs` warp pairs (16 rows each), with the fan-in and warp count fixed where they
 // are the common ones (F = 64 or 128, 8 warps).
-template <class T, int KCG>
+template <class T, int KCG, bool DYR>
 int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st,
-                      int pairs, bool dy_vec, int ns, int stage_bytes, bool dy_ring) {
+                      int pairs, bool dy_vec, int ns, int stage_bytes) {
   const int nwarps = 2 * pairs, rows = 16 * pairs;
   const size_t smem = (size_t)acc_tbytes(s.in_features, rows) + (size_t)ns * stage_bytes;
   if (nwarps == 8 && s.fan_in == 64)
-    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 64, 8>, smem, rows, ns,
-                            stage_bytes, dy_vec, dy_ring);
+    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 64, 8, DYR>, smem, rows, ns,
+                            stage_bytes, dy_vec);
   if (nwarps == 8 && s.fan_in == 128)
-    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 128, 8>, smem, rows, ns,
-                            stage_bytes, dy_vec, dy_ring);
-  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 0, 0>, smem, rows, ns,
-                          stage_bytes, dy_vec, dy_ring);
+    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 128, 8, DYR>, smem, rows, ns,
+                            stage_bytes, dy_vec);
+  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 0, 0, DYR>, smem, rows, ns,
+                          stage_bytes, dy_vec);
+}
+
+template <class T, int KCG>
+int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st,
+                      int pairs, bool dy_vec, int ns, int stage_bytes, bool dy_ring) {
+  return dy_ring ? grad_input_staged<T, KCG, true>(s, dy, w, idx, gx, st, pairs, dy_vec, ns, stage_bytes)
+                 : grad_input_staged<T, KCG, false>(s, dy, w, idx, gx, st, pairs, dy_vec, ns, stage_bytes);
 }
 
 template <class T>
