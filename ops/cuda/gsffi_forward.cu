@@ -13,8 +13,14 @@ namespace xmc_cuda {
 namespace {
 
 constexpr int kFwdThreads = 512;
-constexpr int kStageRow = 32 * 2 + 16;  // bytes per row of a warp's 8 x NW output staging tile (NW <= 32)
+// A warp's 8 x NW output staging tile (NW <= 32): rows of 64 bytes, the 16-byte chunk c of row r at chunk
+// c ^ out_swz(r). The 4-byte writes (8 rows x 4 lanes per instruction) and the 16-byte reads (two rows per
+// quarter-warp for NW = 32, four half rows for NW = 16) then each fall on distinct banks; the earlier 80-byte
+// rows made every 16-byte read take two wavefronts (ncu: 12 M for 6 M ideal per read instruction).
+constexpr int kStageRow = 32 * 2;
 constexpr int kStageBytes = kFwdThreads / 32 * 8 * kStageRow;
+
+__device__ __forceinline__ int out_swz(int r) { return ((r >> 1) & 1) << 1 | (r >> 2); }  // bits of r >> 1 reversed
 
 template <class T, int NW, int KC>
 __global__ void __launch_bounds__(kFwdThreads, 1)
@@ -103,7 +109,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
       for (int hh = 0; hh < 2; ++hh) {
 #pragma unroll
         for (int nt = 0; nt < NW / 8; ++nt)
-          *reinterpret_cast<uint32_t *>(stage + r4 * kStageRow + (nt * 8 + 2 * q) * 2) =
+          *reinterpret_cast<uint32_t *>(stage + r4 * kStageRow + ((nt ^ out_swz(r4)) << 4) + 4 * q) =
               pack2(T(), acc[nt][2 * hh] + bia[nt][0], acc[nt][2 * hh + 1] + bia[nt][1]);
         __syncwarp();
         if (lane < NW) {
@@ -111,7 +117,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
           const int row = mt * 16 + 8 * hh + r8;
           const int64_t l = l0 + c * 8;
           if (row < rows && l < lend) {
-            const uint4 v = *reinterpret_cast<const uint4 *>(stage + r8 * kStageRow + c * 16);
+            const uint4 v = *reinterpret_cast<const uint4 *>(stage + r8 * kStageRow + ((c ^ out_swz(r8)) << 4));
             T *dst = y + (b0 + row) * L + l;
             if (y_vec && l + 8 <= lend) {
               __stcs(reinterpret_cast<uint4 *>(dst), v);
