@@ -104,8 +104,9 @@ def label_order(label_counts: torch.Tensor, group_size: int, method: str = "freq
 
 def indices_from_embeddings(embeddings: torch.Tensor, group_size: int, fan_in: int) -> torch.Tensor:
     """int32 [ceil(L / G), fan_in]: each group's fan_in input features of largest |embedding| mass summed over
-    its labels, in the canonical slot order (functional.slot_order). embeddings [L, H] are in the layer's label order and its input space (e.g. PIFA of the
-    encoder outputs); a group with too little mass fills up with its next-largest (tie: lowest) features."""
+    its labels, in the canonical slot order (functional.slot_order). embeddings [L, H] are in the layer's label
+    order and its input space (e.g. PIFA of the encoder outputs); a group with too little mass fills up with its
+    next-largest (tie: lowest) features."""
     L, H = embeddings.shape
     if not 1 <= fan_in <= H:
         raise ValueError(f"fan_in must be in [1, in_features = {H}], got {fan_in}")
