@@ -41,15 +41,7 @@ def bench(B, H, L, F, G, ks, repeat):
     labels = torch.randint(0, L, (B * POSITIVES_PER_ROW,))
     target = torch.zeros(B, L)
     target[torch.repeat_interleave(torch.arange(B), POSITIVES_PER_ROW), labels] = 1
-    params = [x, layer.weight, layer.bias]
-
-    def clear():
-        for p in params:
-            p.grad = None
-
-    def fused_step():
-        clear()
-        layer.loss(x, indptr, labels).backward()
+    clear, fused_step = common.fused_step_fns(layer, x, indptr, labels)
 
     def unfused_step():
         clear()

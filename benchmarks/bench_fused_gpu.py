@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch_xmc  # noqa: E402
 from torch_xmc import memory  # noqa: E402
 from bench_gpu import H, timed  # noqa: E402
-from common import environment, print_table, write_json  # noqa: E402
+from common import environment, fused_step_fns, print_table, write_json  # noqa: E402
 
 POSITIVES_PER_ROW = 5
 
@@ -51,16 +51,8 @@ def bench(B, L, F, G, ks, repeat, dense):
     indptr = torch.arange(B + 1, device=dev) * POSITIVES_PER_ROW
     labels = torch.randint(0, L, (B * POSITIVES_PER_ROW,), device=dev)
     rows_of = torch.repeat_interleave(torch.arange(B, device=dev), POSITIVES_PER_ROW)
-    params = [x, layer.weight, layer.bias]
     xd = x.detach()
-
-    def clear():
-        for p in params:
-            p.grad = None
-
-    def fused_step():
-        clear()
-        layer.loss(x, indptr, labels).backward()
+    clear, fused_step = fused_step_fns(layer, x, indptr, labels)
 
     target = None
 

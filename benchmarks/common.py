@@ -75,6 +75,22 @@ def _cpu_name():
     return platform.processor()
 
 
+def fused_step_fns(layer, x, indptr, labels):
+    """(clear, fused_step) of the fused-loss benchmarks: clear drops the gradients of x and the layer's weight
+    and bias; fused_step clears them, then runs layer.loss(x, indptr, labels).backward()."""
+    params = [x, layer.weight, layer.bias]
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    def fused_step():
+        clear()
+        layer.loss(x, indptr, labels).backward()
+
+    return clear, fused_step
+
+
 def print_table(rows, columns):
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
