@@ -397,6 +397,29 @@ def test_16_bit_topk_over_label_chunks(dtype, device, monkeypatch):
             assert torch.equal(scores.float(), rs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["random", "rising", "ties"])
+def test_16_bit_topk_filtered(dtype, case, device):
+    """CUDA's 16-bit top-k over many labels takes a threshold per row from the first 65536 (2048 k) labels and
+    keeps only the logits at or above it: exactly the stable top-k of the forward kernel's logits. Rising logits
+    (the sample's threshold is low, lists overflow) and logits that all tie take the exact pass, gated on the
+    device."""
+    if device == "cpu":
+        pytest.skip("the filtered 16-bit top-k is CUDA's")
+    B, H, L, F, G = 37, 64, 500001, 16, 24
+    x, w, idx, b = make(B, H, L, F, G, device, dtype)
+    if case == "rising":  # later labels score higher
+        b = torch.linspace(-4, 4, L, device=device).to(dtype)
+    if case == "ties":
+        w, b = torch.zeros_like(w), torch.zeros_like(b)
+    y = XF.group_shared_fan_in(x, w, idx, b, G).float()
+    for k in (1, 5, 100):
+        scores, ids = XF.gsffi_topk(x, w, idx, b, G, k)
+        rs, ri = stable_topk(y, k)
+        assert torch.equal(ids, ri), (case, k)
+        assert torch.equal(scores.float(), rs), (case, k)
+
+
 def test_topk_deterministic_and_nan_first(device):
     x, w, idx, b = make(50, 32, 400, 8, 16, device, torch.float32)
     first = XF.gsffi_topk(x, w, idx, b, 16, 10)

@@ -1,5 +1,7 @@
 // Fused top-k of a GSFFI layer's logits on CUDA (C API in ops/xmc.h), without a [B, L] buffer.
-// bf16 / fp16 take the tensor-core path (launch_tc below: the layer's forward kernel, one label chunk at a time);
+// bf16 / fp16 take the tensor-core paths: where L is large, launch_filtered (a threshold from a sample of labels,
+// then one forward pass that keeps only the logits at or above it), else, and for rows where the filter could not
+// decide, launch_tc (the layer's forward kernel, one label chunk at a time);
 // float32 / float64 plain FMA kernels:
 //   scan   one block per (row tile, chunk of label blocks): logits tiles in shared memory; one thread per row
 //          keeps that row's heap of the chunk's best k in global scratch [C, B, k].
@@ -175,7 +177,8 @@ constexpr int64_t kScanSmemK = 512;
 
 template <class T>
 __global__ void scan_chunk(const T *z, int64_t B, int64_t nl, int64_t c0, int64_t S, int64_t k, bool vec,
-                           float *hs_g, int64_t *hi_g, int64_t *hn) {
+                           float *hs_g, int64_t *hi_g, int64_t *hn, const int *run_if) {
+  if (run_if != nullptr && *run_if == 0) return;
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t wid = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32, wib = threadIdx.x / 32;
@@ -238,23 +241,25 @@ __global__ void scan_chunk(const T *z, int64_t B, int64_t nl, int64_t c0, int64_
   }
 }
 
-constexpr int kMergeCap = 4096;  // entries one merge_sorted block sorts in shared memory (48 KB)
+constexpr int kMergeCap = 8192;  // entries one merge_sorted block sorts in shared memory (96 KB)
 
-// One block per row: the S heaps' entries (S k <= n, n a power of two <= kMergeCap) sorted best first in shared
-// memory (bitonic; the free places hold -inf with an id above every label, which ranks below every entry), and
-// the first k written out. merge_kernel does the same with one thread per row, S k heap offers each.
+// One block per row: the S lists' entries (list [c, b] holds hn[c B + b] <= m entries at [(c B + b) m], S m <= n,
+// n a power of two <= kMergeCap) sorted best first in shared memory (bitonic; the free places hold -inf with an
+// id above every label, which ranks below every entry), and the first k written out. merge_kernel does the same
+// with one thread per row, S m heap offers each.
 template <class T>
-__global__ void merge_sorted(int64_t B, int64_t k, int64_t S, int n, const float *hs, const int64_t *hi,
-                             const int64_t *hn, T *scores, int64_t *ids) {
+__global__ void merge_sorted(int64_t B, int64_t k, int64_t m, int64_t S, int n, const float *hs, const int64_t *hi,
+                             const int64_t *hn, T *scores, int64_t *ids, const int *run_if) {
+  if (run_if != nullptr && *run_if == 0) return;
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t *si = reinterpret_cast<int64_t *>(smem);
   float *sv = reinterpret_cast<float *>(si + n);
   const int64_t b = blockIdx.x;
   for (int e = threadIdx.x; e < n; e += blockDim.x) {
-    const int64_t c = e / k, j = e - c * k;
-    const bool ok = c < S && j < hn[c * B + b];
-    sv[e] = ok ? hs[(c * B + b) * k + j] : -INFINITY;
-    si[e] = ok ? hi[(c * B + b) * k + j] : INT64_MAX;
+    const int64_t c = e / m, j = e - c * m;
+    const bool ok = c < S && j < xmin<int64_t>(hn[c * B + b], m);
+    sv[e] = ok ? hs[(c * B + b) * m + j] : -INFINITY;
+    si[e] = ok ? hi[(c * B + b) * m + j] : INT64_MAX;
   }
   for (int size = 2; size <= n; size <<= 1)
     for (int stride = size / 2; stride > 0; stride >>= 1) {
@@ -279,16 +284,18 @@ __global__ void merge_sorted(int64_t B, int64_t k, int64_t S, int n, const float
   }
 }
 
+// Merges S lists of at most m entries per row (heaps of m = k, or the filter's candidate lists) into the best k.
 template <class T>
-int merge(int64_t B, int64_t k, int64_t S, const float *hs, const int64_t *hi, const int64_t *hn, void *scores,
-          int64_t *ids, cudaStream_t st) {
+int merge(int64_t B, int64_t k, int64_t m, int64_t S, const float *hs, const int64_t *hi, const int64_t *hn,
+          void *scores, int64_t *ids, const int *run_if, cudaStream_t st) {
   int n = 2;
-  while (n < S * k && n < kMergeCap) n *= 2;
-  if (S * k <= n) {
+  while (n < S * m && n < kMergeCap) n *= 2;
+  if (S * m <= n) {
     const size_t smem = (size_t)n * (sizeof(float) + sizeof(int64_t));
     prepare(merge_sorted<T>, 512, smem);
-    merge_sorted<T><<<(unsigned)B, 512, smem, st>>>(B, k, S, n, hs, hi, hn, static_cast<T *>(scores), ids);
-  } else {
+    merge_sorted<T><<<(unsigned)B, 512, smem, st>>>(B, k, m, S, n, hs, hi, hn, static_cast<T *>(scores), ids,
+                                                    run_if);
+  } else {  // heaps only (m = k): launch_filtered keeps its lists within kMergeCap
     merge_kernel<T><<<(unsigned)((B + 127) / 128), 128, 0, st>>>(B, k, S, const_cast<float *>(hs),
                                                                    const_cast<int64_t *>(hi), hn,
                                                                    static_cast<T *>(scores), ids);
@@ -296,8 +303,9 @@ int merge(int64_t B, int64_t k, int64_t S, const float *hs, const int64_t *hi, c
   return last_error();
 }
 
+// run_if: every kernel returns at once unless *run_if != 0 (launch_filtered's fallback).
 int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
-              const void *bias, int64_t k, void *scores, int64_t *ids, xmc_exec ex) {
+              const void *bias, int64_t k, void *scores, int64_t *ids, xmc_exec ex, const int *run_if) {
   cudaStream_t st = ex.stream;
   const int64_t B = s.batch, H = s.in_features, L = s.out_features, F = s.fan_in, G = s.group_size;
   const int64_t nl = chunk_labels(s);
@@ -315,7 +323,8 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     const xmc_gsffi_shape sc = {B, H, n, F, G};
     const void *wc = static_cast<const unsigned char *>(w) + c0 * F * 2;
     const void *bc = bias ? static_cast<const unsigned char *>(bias) + c0 * 2 : nullptr;
-    err = xmc_gsffi_forward_cuda(sc, dt, x, wc, indices + c0 / G * F, bc, buf, ex);
+    err = run_if != nullptr ? forward_gated(sc, dt, x, wc, indices + c0 / G * F, bc, buf, run_if, st)
+                            : xmc_gsffi_forward_cuda(sc, dt, x, wc, indices + c0 / G * F, bc, buf, ex);
     if (!err) {
       const unsigned blocks = (unsigned)((S * B + kScanWarps - 1) / kScanWarps);
       const size_t smem = k <= kScanSmemK ? (size_t)kScanWarps * k * (sizeof(float) + sizeof(int64_t)) : 0;
@@ -325,11 +334,11 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
       if (dt == XMC_BF16) {
         prepare(scan_chunk<__nv_bfloat16>, 32 * kScanWarps, smem);
         scan_chunk<__nv_bfloat16><<<blocks, 32 * kScanWarps, smem, st>>>(static_cast<const __nv_bfloat16 *>(buf), B,
-                                                                          n, c0, S, k, vec, h, i, c);
+                                                                          n, c0, S, k, vec, h, i, c, run_if);
       } else {
         prepare(scan_chunk<__half>, 32 * kScanWarps, smem);
         scan_chunk<__half><<<blocks, 32 * kScanWarps, smem, st>>>(static_cast<const __half *>(buf), B, n, c0, S, k,
-                                                                   vec, h, i, c);
+                                                                   vec, h, i, c, run_if);
       }
       err = last_error();
     }
@@ -337,10 +346,139 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
   if (!err) {
     const float *h = static_cast<const float *>(hs);
     const int64_t *i = static_cast<const int64_t *>(hi), *c = static_cast<const int64_t *>(hn);
-    err = dt == XMC_BF16 ? merge<__nv_bfloat16>(B, k, S, h, i, c, scores, ids, st)
-                         : merge<__half>(B, k, S, h, i, c, scores, ids, st);
+    err = dt == XMC_BF16 ? merge<__nv_bfloat16>(B, k, k, S, h, i, c, scores, ids, run_if, st)
+                         : merge<__half>(B, k, k, S, h, i, c, scores, ids, run_if, st);
   }
   for (void *p : {buf, hs, hi, hn})
+    if (p) cudaFreeAsync(p, st);
+  return err;
+}
+
+// ---- Filtered tensor-core path (bf16, fp16, large L) ----
+// 1. The forward kernel on a sample, the first S labels, into a [B, S] buffer; sample_kth finds tau[b], the k-th
+//    best logit of row b there (a radix select: two histogram passes over the row, no heaps). The k-th best
+//    over all labels is at least tau[b], so the top k are among the logits not below it.
+// 2. One forward pass over all labels in filter mode (gsffi_forward.cu): those logits, ~k L / S per row, go to
+//    per-row lists of at most cap entries. No [B, L] buffer, and no chunk to write and read back.
+// 3. merge_sorted sorts each row's list and writes its best k. The ranking is a total order, so the lists'
+//    arbitrary order (atomic appends) does not show.
+// 4. A row whose list overflowed (or, defensively, holds fewer than k) raises a flag, and launch_tc runs again
+//    over all labels gated on it: on typical inputs its kernels return at once; on adversarial ones (e.g. a
+//    layer whose logits all tie) the answer is still exact. The host never waits on the flag.
+constexpr int64_t kFilterSample = 65536;  // sample labels at least, and 2048 per k
+
+// A 16-bit value's rank as an unsigned key: order-preserving for numbers, NaN (which ranks above every number)
+// the largest key; and back.
+template <class T> __device__ __forceinline__ bool is_nan_bits(uint16_t u);
+template <> __device__ __forceinline__ bool is_nan_bits<__nv_bfloat16>(uint16_t u) {
+  return (u & 0x7f80) == 0x7f80 && (u & 0x7f) != 0;
+}
+template <> __device__ __forceinline__ bool is_nan_bits<__half>(uint16_t u) {
+  return (u & 0x7c00) == 0x7c00 && (u & 0x3ff) != 0;
+}
+template <class T> __device__ __forceinline__ uint32_t rank_key(uint16_t u) {
+  if (is_nan_bits<T>(u)) return 0xffff;
+  return (u & 0x8000) ? (~u & 0xffffu) : (u | 0x8000u);
+}
+template <class T> __device__ __forceinline__ float key_value(uint32_t key) {  // 0xffff: a NaN
+  const uint16_t u = (uint16_t)((key & 0x8000) ? (key & 0x7fff) : (~key & 0xffff));
+  return to_acc(*reinterpret_cast<const T *>(&u));
+}
+
+// One block per row: tau[b] = the k-th best of z[b, 0 .. S), by the keys' high byte, then the low byte within it
+// (S a multiple of 8).
+template <class T>
+__global__ void sample_kth(const T *z, int64_t S, int64_t k, float *tau) {
+  __shared__ unsigned hist[256];
+  __shared__ uint32_t pick[2];  // the high byte, then the rank still to find within it
+  const uint16_t *zr = reinterpret_cast<const uint16_t *>(z) + blockIdx.x * S;
+  uint32_t hi = 0, want = (uint32_t)k;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int e = threadIdx.x; e < 256; e += blockDim.x) hist[e] = 0;
+    __syncthreads();
+    // 16-byte loads, 4 in flight per thread (the launcher makes S a multiple of 8)
+#pragma unroll 4
+    for (int64_t e = threadIdx.x; e < S / 8; e += blockDim.x) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4 *>(zr) + e);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t key = rank_key<T>((uint16_t)(word(v, i >> 1) >> (16 * (i & 1))));
+        if (pass == 0) atomicAdd(&hist[key >> 8], 1u);
+        else if ((key >> 8) == hi) atomicAdd(&hist[key & 0xff], 1u);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the bin, from the top, in which the count reaches `want`
+      uint32_t above = 0;
+      int bin = 255;
+      for (; bin > 0 && above + hist[bin] < want; --bin) above += hist[bin];
+      pick[0] = (uint32_t)bin;
+      pick[1] = want - above;
+    }
+    __syncthreads();
+    if (pass == 0) hi = pick[0];
+    want = pick[1];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) tau[blockIdx.x] = key_value<T>(hi << 8 | pick[0]);
+}
+
+__global__ void lists_undecided(const unsigned long long *count, int64_t B, int64_t k, int64_t cap, int *flag) {
+  __shared__ int any;
+  if (threadIdx.x == 0) any = 0;
+  __syncthreads();
+  for (int64_t b = threadIdx.x; b < B; b += blockDim.x)
+    if (count[b] > (unsigned long long)cap || count[b] < (unsigned long long)k) any = 1;
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = any;
+}
+
+int launch_filtered(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
+                    const void *bias, int64_t k, void *scores, int64_t *ids, xmc_exec ex) {
+  cudaStream_t st = ex.stream;
+  const int64_t B = s.batch, H = s.in_features, L = s.out_features, F = s.fan_in, G = s.group_size;
+  const int64_t unit = 8 * G;  // whole groups, and rows of 16-byte pieces for sample_kth
+  const int64_t S = (xmax<int64_t>(kFilterSample, 2048 * k) + unit - 1) / unit * unit;
+  // List size: for a sample like the rest, a row's count is about (L / S) Gamma(k); (L / S) (k + 4 sqrt(k) + 8)
+  // is exceeded by one row in ~10^5 to 10^6 for k = 1 .. 100 (then the exact pass runs).
+  int64_t cap = 256;
+  while ((double)cap < (double)L / S * (k + 4 * sqrt((double)k) + 8)) cap *= 2;
+  if (2 * S > L || cap > kMergeCap || !filter_applies(s, w))
+    return launch_tc(s, dt, x, w, indices, bias, k, scores, ids, ex, nullptr);
+  void *sbuf = nullptr, *tau = nullptr, *count = nullptr, *cs = nullptr, *ci = nullptr, *flag = nullptr;
+  int err = (int)scratch_alloc(&sbuf, (size_t)(B * S) * 2, st);
+  if (!err) err = (int)scratch_alloc(&tau, sizeof(float) * B, st);
+  if (!err) err = (int)scratch_alloc(&count, sizeof(unsigned long long) * B, st);
+  if (!err) err = (int)scratch_alloc(&cs, sizeof(float) * B * cap, st);
+  if (!err) err = (int)scratch_alloc(&ci, sizeof(int64_t) * B * cap, st);
+  if (!err) err = (int)scratch_alloc(&flag, sizeof(int), st);
+  if (!err) err = xmc_gsffi_forward_cuda({B, H, S, F, G}, dt, x, w, indices, bias, sbuf, ex);
+  if (!err) {
+    if (dt == XMC_BF16)
+      sample_kth<<<(unsigned)B, 512, 0, st>>>(static_cast<const __nv_bfloat16 *>(sbuf), S, k, static_cast<float *>(tau));
+    else
+      sample_kth<<<(unsigned)B, 512, 0, st>>>(static_cast<const __half *>(sbuf), S, k, static_cast<float *>(tau));
+    err = last_error();
+  }
+  if (!err) err = (int)cudaMemsetAsync(count, 0, sizeof(unsigned long long) * B, st);
+  if (!err) {
+    const FwdFilter flt{static_cast<const float *>(tau), static_cast<unsigned long long *>(count),
+                        static_cast<float *>(cs), static_cast<int64_t *>(ci), cap};
+    err = forward_filter(s, dt, x, w, indices, bias, flt, st);
+  }
+  if (!err) {
+    lists_undecided<<<1, 256, 0, st>>>(static_cast<const unsigned long long *>(count), B, k, cap,
+                                       static_cast<int *>(flag));
+    err = last_error();
+  }
+  if (!err) {
+    const float *h = static_cast<const float *>(cs);
+    const int64_t *i = static_cast<const int64_t *>(ci), *c = static_cast<const int64_t *>(count);
+    err = dt == XMC_BF16 ? merge<__nv_bfloat16>(B, k, cap, 1, h, i, c, scores, ids, nullptr, st)
+                         : merge<__half>(B, k, cap, 1, h, i, c, scores, ids, nullptr, st);
+  }
+  if (!err) err = launch_tc(s, dt, x, w, indices, bias, k, scores, ids, ex, static_cast<const int *>(flag));
+  for (void *p : {sbuf, tau, count, cs, ci, flag})
     if (p) cudaFreeAsync(p, st);
   return err;
 }
@@ -359,7 +497,7 @@ extern "C" int xmc_gsffi_topk_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *
     case XMC_BF16:
     case XMC_F16:
       if (s.batch == 0) return 0;
-      return launch_tc(s, dt, x, weight, indices, bias, k, scores, label_ids, ex);
+      return launch_filtered(s, dt, x, weight, indices, bias, k, scores, label_ids, ex);
   }
   return (int)cudaErrorInvalidValue;
 }

@@ -172,6 +172,24 @@ struct DxOut {
   bool add_f32;
 };
 
+// The forward kernel's filter mode (the fused top-k): every logit v of row b (as stored in the dtype) with
+// !(v < tau[b]) is appended to row b's list: count[b] += 1, and while the count is within cap, (v, label id) at
+// score / id [b * cap + position]. Only bf16 / fp16 shapes for which filter_applies(); count is zeroed by the
+// caller.
+struct FwdFilter {
+  const float *tau;
+  unsigned long long *count;
+  float *score;
+  int64_t *id;
+  int64_t cap;
+};
+bool filter_applies(xmc_gsffi_shape s, const void *weight);
+int forward_filter(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
+                   const void *bias, FwdFilter flt, cudaStream_t st);
+// The bf16 / fp16 forward (tensor-core shapes, filter_applies) that returns at once unless *run_if != 0.
+int forward_gated(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
+                  const void *bias, void *y, const int *run_if, cudaStream_t st);
+
 // grad_input for bf16/fp16 added into acc (fp32 [B, H]); the fused loss calls it once per label chunk.
 int grad_input_add_f32(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *weight,
                        const int32_t *indices, float *acc, cudaStream_t st);

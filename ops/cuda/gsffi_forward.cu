@@ -7,6 +7,10 @@
 // sweeps the whole batch tile with them. Blocks of the same label range but different batch tiles run side by
 // side (block id = chunk * n_tiles + tile), so weights come from DRAM once and from L2 for the other tiles.
 // The output, the largest stream, leaves in whole sectors with evict-first stores.
+//
+// Filter mode (forward_filter, for the fused top-k): no output; each logit, rounded to the dtype, that is not
+// below its row's threshold is appended to the row's candidate list (an atomic count per row, so the order of a
+// list is not fixed, only its set). Gated mode (forward_gated): the kernel returns at once unless *run_if.
 #include "gsffi_common.cuh"
 
 namespace xmc_cuda {
@@ -22,11 +26,22 @@ constexpr int kStageBytes = kFwdThreads / 32 * 8 * kStageRow;
 
 __device__ __forceinline__ int out_swz(int r) { return ((r >> 1) & 1) << 1 | (r >> 2); }  // bits of r >> 1 reversed
 
-template <class T, int NW, int KC>
+__device__ __forceinline__ float max_nan(float a, float b) {  // NaN if either is
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// The value that a logit has once stored in T.
+__device__ __forceinline__ float rounded(__nv_bfloat16, float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ float rounded(__half, float v) { return __half2float(__float2half_rn(v)); }
+
+template <class T, int NW, int KC, bool FILTER>
 __global__ void __launch_bounds__(kFwdThreads, 1)
     fwd_mma(const T *__restrict__ x, const T *__restrict__ w, const int32_t *__restrict__ idx,
             const T *__restrict__ bias, T *__restrict__ y, int64_t B, int H, int64_t L, int F, int G, int BT, int nbt,
-            int nj, int64_t n_items, bool x_vec, bool y_vec) {
+            int nj, int64_t n_items, bool x_vec, bool y_vec, const int *run_if, FwdFilter flt) {
+  if (run_if != nullptr && *run_if == 0) return;
   extern __shared__ __align__(16) unsigned char smem[];
   const int stride = BT * 2 + 16;  // bytes per row; the 16-byte skew puts consecutive rows on other banks
   const int bt = blockIdx.x % nbt;
@@ -90,6 +105,11 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
       }
 
     for (int mt = 0; mt < mtiles; ++mt) {
+      float taus[2] = {0.f, 0.f};  // filter mode: the rows' thresholds, loaded before the products need them
+      if constexpr (FILTER)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+          if (mt * 16 + 8 * hh + r4 < rows) taus[hh] = __ldg(flt.tau + b0 + mt * 16 + 8 * hh + r4);
       float acc[NW / 8][4];
 #pragma unroll
       for (int nt = 0; nt < NW / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -103,32 +123,64 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
           for (int nt = 0; nt < NW / 8; ++nt)
             mma16816(T(), acc[nt], a, s ? wf[nt][kc].z : wf[nt][kc].x, s ? wf[nt][kc].w : wf[nt][kc].y);
         }
-      // Through a per-warp staging tile, so that each row's NW labels leave in one instruction as whole
-      // 32-byte sectors (2-label stores left half-written sectors that L2 wrote back partially).
+      if constexpr (FILTER) {
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
+        for (int hh = 0; hh < 2; ++hh) {
+          const int row = mt * 16 + 8 * hh + r4;
+          if (row >= rows) continue;
+          const float tau = taus[hh];
+          // First the largest of the thread's NW / 4 logits of this row (NaN wins), against a threshold lowered
+          // by more than the rounding to T can move a value (2^-7 relative, and fp16's smallest subnormal).
+          float top = acc[0][2 * hh] + bia[0][0];
 #pragma unroll
-        for (int nt = 0; nt < NW / 8; ++nt)
-          *reinterpret_cast<uint32_t *>(stage + r4 * kStageRow + ((nt ^ out_swz(r4)) << 4) + 4 * q) =
-              pack2(T(), acc[nt][2 * hh] + bia[nt][0], acc[nt][2 * hh + 1] + bia[nt][1]);
-        __syncwarp();
-        if (lane < NW) {
-          const int r8 = lane / (NW / 8), c = lane % (NW / 8);
-          const int row = mt * 16 + 8 * hh + r8;
-          const int64_t l = l0 + c * 8;
-          if (row < rows && l < lend) {
-            const uint4 v = *reinterpret_cast<const uint4 *>(stage + r8 * kStageRow + ((c ^ out_swz(r8)) << 4));
-            T *dst = y + (b0 + row) * L + l;
-            if (y_vec && l + 8 <= lend) {
-              __stcs(reinterpret_cast<uint4 *>(dst), v);
-            } else {
+          for (int nt = 0; nt < NW / 8; ++nt)
 #pragma unroll
-              for (int e = 0; e < 8; ++e)
-                if (l + e < lend) reinterpret_cast<uint16_t *>(dst)[e] = (uint16_t)(word(v, e >> 1) >> (16 * (e & 1)));
+            for (int j = 0; j < 2; ++j) top = max_nan(top, acc[nt][2 * hh + j] + bia[nt][j]);
+          if (top < tau - fabsf(tau) * 0x1p-7f - 1e-7f) continue;
+#pragma unroll
+          for (int nt = 0; nt < NW / 8; ++nt)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const int64_t l = l0 + nt * 8 + 2 * q + j;
+              const float v = rounded(T(), acc[nt][2 * hh + j] + bia[nt][j]);
+              if (l < lend && !(v < tau)) {  // NaN passes: it ranks above every number
+                const int64_t pos = (int64_t)atomicAdd(flt.count + b0 + row, 1ull);
+                if (pos < flt.cap) {
+                  flt.score[(b0 + row) * flt.cap + pos] = v;
+                  flt.id[(b0 + row) * flt.cap + pos] = l;
+                }
+              }
+            }
+        }
+      } else {
+        // Through a per-warp staging tile, so that each row's NW labels leave in one instruction as whole
+        // 32-byte sectors (2-label stores left half-written sectors that L2 wrote back partially).
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+          for (int nt = 0; nt < NW / 8; ++nt)
+            *reinterpret_cast<uint32_t *>(stage + r4 * kStageRow + ((nt ^ out_swz(r4)) << 4) + 4 * q) =
+                pack2(T(), acc[nt][2 * hh] + bia[nt][0], acc[nt][2 * hh + 1] + bia[nt][1]);
+          __syncwarp();
+          if (lane < NW) {
+            const int r8 = lane / (NW / 8), c = lane % (NW / 8);
+            const int row = mt * 16 + 8 * hh + r8;
+            const int64_t l = l0 + c * 8;
+            if (row < rows && l < lend) {
+              const uint4 v = *reinterpret_cast<const uint4 *>(stage + r8 * kStageRow + ((c ^ out_swz(r8)) << 4));
+              T *dst = y + (b0 + row) * L + l;
+              if (y_vec && l + 8 <= lend) {
+                __stcs(reinterpret_cast<uint4 *>(dst), v);
+              } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                  if (l + e < lend)
+                    reinterpret_cast<uint16_t *>(dst)[e] = (uint16_t)(word(v, e >> 1) >> (16 * (e & 1)));
+              }
             }
           }
+          __syncwarp();
         }
-        __syncwarp();
       }
     }
   }
@@ -164,11 +216,17 @@ int launch_generic(xmc_gsffi_shape s, const void *x, const void *w, const int32_
   return 0;
 }
 
+// Optional parts of a tensor-core forward launch: the gate, and filter mode (flt.tau set) instead of an output.
+struct FwdMode {
+  const int *run_if;
+  FwdFilter flt;
+};
+
 template <class T, int NW, int KC>
 int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
-               cudaStream_t st, int BT) {
+               cudaStream_t st, int BT, FwdMode mode) {
   const size_t smem = (size_t)(s.in_features + 1) * (BT * 2 + 16) + kStageBytes;
-  auto kernel = fwd_mma<T, NW, KC>;
+  auto kernel = mode.flt.tau != nullptr ? fwd_mma<T, NW, KC, true> : fwd_mma<T, NW, KC, false>;
   const int per_sm = prepare(kernel, kFwdThreads, smem);
   XMC_CHECK_LAUNCH();
   const int nbt = (int)((s.batch + BT - 1) / BT);
@@ -182,7 +240,7 @@ int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *i
   const bool y_vec = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)y % 16 == 0;
   kernel<<<(unsigned)(chunks * nbt), kFwdThreads, smem, st>>>(
       (const T *)x, (const T *)w, idx, (const T *)bias, (T *)y, s.batch, (int)s.in_features, s.out_features,
-      (int)s.fan_in, (int)s.group_size, BT, nbt, nj, n_items, x_vec, y_vec);
+      (int)s.fan_in, (int)s.group_size, BT, nbt, nj, n_items, x_vec, y_vec, mode.run_if, mode.flt);
   XMC_CHECK_LAUNCH();
   return 0;
 }
@@ -191,19 +249,19 @@ int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *i
 // (32-wide fan-in chunks) so the weight fragments stay <= 64 registers.
 template <class T>
 int launch_mma_sized(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
-                     cudaStream_t st, int BT) {
+                     cudaStream_t st, int BT, FwdMode mode) {
   const int64_t G8 = (s.group_size + 7) / 8 * 8;
   const int kc = s.fan_in <= 32 ? 1 : s.fan_in <= 64 ? 2 : s.fan_in <= 128 ? 4 : 8;
   const int cap = 128 / kc;  // NW * KC <= 128
   const int nw = (int)xmin<int64_t>(G8 <= 8 ? 8 : G8 <= 16 ? 16 : 32, cap);
 #define XMC_FWD(NW_, KC_) \
-  if (nw == NW_ && kc == KC_) return launch_mma<T, NW_, KC_>(s, x, w, idx, bias, y, st, BT);
+  if (nw == NW_ && kc == KC_) return launch_mma<T, NW_, KC_>(s, x, w, idx, bias, y, st, BT, mode);
   XMC_FWD(8, 1) XMC_FWD(16, 1) XMC_FWD(32, 1)
   XMC_FWD(8, 2) XMC_FWD(16, 2) XMC_FWD(32, 2)
   XMC_FWD(8, 4) XMC_FWD(16, 4) XMC_FWD(32, 4)
   XMC_FWD(8, 8) XMC_FWD(16, 8)
 #undef XMC_FWD
-  return launch_generic<T>(s, x, w, idx, bias, y, st);
+  return XMC_ERR_DTYPE;  // not reached: every (nw, kc) that the sizing above picks is instantiated
 }
 
 // Batch tile for the tensor-core path: the largest of 128/64/32/16 rows (no more than the batch needs) whose
@@ -217,16 +275,45 @@ int forward_batch_tile(xmc_gsffi_shape s) {
   return 0;
 }
 
+// Batch tile of the tensor-core path, or 0 where the shape takes the generic kernel.
+int tensor_core_tile(xmc_gsffi_shape s, const void *w) {
+  const bool ok = s.fan_in % 8 == 0 && s.fan_in <= 256 && (uintptr_t)w % 16 == 0;
+  return ok ? forward_batch_tile(s) : 0;
+}
+
 template <class T>
 int forward_half(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
-                 cudaStream_t st) {
-  const bool ok = s.fan_in % 8 == 0 && s.fan_in <= 256 && (uintptr_t)w % 16 == 0;
-  const int BT = ok ? forward_batch_tile(s) : 0;
-  if (BT == 0) return launch_generic<T>(s, x, w, idx, bias, y, st);
-  return launch_mma_sized<T>(s, x, w, idx, bias, y, st, BT);
+                 cudaStream_t st, FwdMode mode) {
+  const int BT = tensor_core_tile(s, w);
+  if (BT == 0) {
+    if (mode.run_if != nullptr || mode.flt.tau != nullptr) return XMC_ERR_DTYPE;  // callers check filter_applies
+    return launch_generic<T>(s, x, w, idx, bias, y, st);
+  }
+  return launch_mma_sized<T>(s, x, w, idx, bias, y, st, BT, mode);
+}
+
+int forward_mode(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *idx,
+                 const void *bias, void *y, cudaStream_t st, FwdMode mode) {
+  if (s.batch == 0 || s.out_features == 0) return 0;
+  if (dt == XMC_BF16) return forward_half<__nv_bfloat16>(s, x, w, idx, bias, y, st, mode);
+  if (dt == XMC_F16) return forward_half<__half>(s, x, w, idx, bias, y, st, mode);
+  return XMC_ERR_DTYPE;
 }
 
 }  // namespace
+
+bool filter_applies(xmc_gsffi_shape s, const void *w) { return tensor_core_tile(s, w) != 0; }
+
+int forward_filter(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *idx,
+                   const void *bias, FwdFilter flt, cudaStream_t st) {
+  return forward_mode(s, dt, x, w, idx, bias, nullptr, st, {nullptr, flt});
+}
+
+int forward_gated(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *idx,
+                  const void *bias, void *y, const int *run_if, cudaStream_t st) {
+  return forward_mode(s, dt, x, w, idx, bias, y, st, {run_if, {}});
+}
+
 }  // namespace xmc_cuda
 
 extern "C" int xmc_gsffi_forward_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
@@ -235,8 +322,8 @@ extern "C" int xmc_gsffi_forward_cuda(xmc_gsffi_shape s, xmc_dtype dt, const voi
   if (s.batch == 0 || s.out_features == 0) return 0;
   cudaStream_t st = (cudaStream_t)ex.stream;
   switch (dt) {
-    case XMC_BF16: return forward_half<__nv_bfloat16>(s, x, weight, indices, bias, y, st);
-    case XMC_F16: return forward_half<__half>(s, x, weight, indices, bias, y, st);
+    case XMC_BF16:
+    case XMC_F16: return forward_mode(s, dt, x, weight, indices, bias, y, st, {});
     case XMC_F32: return launch_generic<float>(s, x, weight, indices, bias, y, st);
     case XMC_F64: return launch_generic<double>(s, x, weight, indices, bias, y, st);
   }
