@@ -147,7 +147,8 @@ int xmc_gsffi_topk_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const voi
                        const void *bias, int64_t k, void *scores, int64_t *label_ids, xmc_exec ex);
 
 /* CUDA (ops/cuda/fused_*.cu): float32, bfloat16, float16, float64. Asynchronous on ex.stream; indptr, labels
- * and loss_out are device pointers. Plain FMA in float (double for float64), no tensor cores. */
+ * and loss_out are device pointers. float32 / float64 in plain FMA; bfloat16 / float16 on the layer's tensor-core
+ * kernels, one label chunk at a time (the loss) or in one filtering pass after a sample (top-k, large L). */
 int xmc_gsffi_fused_loss_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
                               const int32_t *indices, const void *bias, const int64_t *indptr, const int64_t *labels,
                               xmc_loss loss, double scale, double *loss_out, void *grad_x, void *grad_weight,
