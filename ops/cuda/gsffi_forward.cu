@@ -131,11 +131,15 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
           const float tau = taus[hh];
           // First the largest of the thread's NW / 4 logits of this row (NaN wins), against a threshold lowered
           // by more than the rounding to T can move a value (2^-7 relative, and fp16's smallest subnormal).
-          float top = acc[0][2 * hh] + bia[0][0];
+          float part[NW / 8];  // a pairwise tree, not a chain of NW / 4 dependent maxima
 #pragma unroll
           for (int nt = 0; nt < NW / 8; ++nt)
+            part[nt] = max_nan(acc[nt][2 * hh] + bia[nt][0], acc[nt][2 * hh + 1] + bia[nt][1]);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) top = max_nan(top, acc[nt][2 * hh + j] + bia[nt][j]);
+          for (int w = 1; w < NW / 8; w *= 2)
+#pragma unroll
+            for (int nt = 0; nt + w < NW / 8; nt += 2 * w) part[nt] = max_nan(part[nt], part[nt + w]);
+          const float top = part[0];
           if (top < tau - fabsf(tau) * 0x1p-7f - 1e-7f) continue;
 #pragma unroll
           for (int nt = 0; nt < NW / 8; ++nt)
