@@ -92,9 +92,13 @@ __device__ __forceinline__ LabelBlock label_block(int64_t id, int64_t L, int64_t
 // XMC_FUSED_CHUNK_MB (for tuning) of 16-bit logits. Default 128 MB: on the H100 at (256, 3M, 64, 32), 32 MB
 // chunks (which stay in L2) took 10.5 ms per step, 64 MB 9.0, 128 MB 7.5, 256 MB 7.5 (each chunk has a fixed
 // cost: the grad_input blocks fill and write back their [64, H] fp32 accumulators per launch).
-inline int64_t chunk_labels(xmc_gsffi_shape s) {
+inline int64_t chunk_bytes() {
   const char *v = getenv("XMC_FUSED_CHUNK_MB");
-  const int64_t mb = v ? atoll(v) : 0, bytes = (mb > 0 ? mb : 128) << 20;
+  const int64_t mb = v ? atoll(v) : 0;
+  return (mb > 0 ? mb : 128) << 20;
+}
+inline int64_t chunk_labels(xmc_gsffi_shape s) {
+  const int64_t bytes = chunk_bytes();
   const int64_t G = s.group_size, unit = G % 8 == 0 ? G : G * 8;
   const int64_t nl = xmax<int64_t>(1, bytes / (2 * xmax<int64_t>(s.batch, 1)) / unit) * unit;
   return xmin<int64_t>(nl, (s.out_features + G - 1) / G * G);

@@ -433,18 +433,11 @@ __global__ void lists_undecided(const unsigned long long *count, int64_t B, int6
   if (threadIdx.x == 0) *flag = any;
 }
 
-int launch_filtered(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
-                    const void *bias, int64_t k, void *scores, int64_t *ids, xmc_exec ex) {
+// The filtered path for the rows of s (all its steps), with sample S and lists of cap entries.
+int filtered_rows(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
+                  const void *bias, int64_t k, int64_t S, int64_t cap, void *scores, int64_t *ids, xmc_exec ex) {
   cudaStream_t st = ex.stream;
-  const int64_t B = s.batch, H = s.in_features, L = s.out_features, F = s.fan_in, G = s.group_size;
-  const int64_t unit = 8 * G;  // whole groups, and rows of 16-byte pieces for sample_kth
-  const int64_t S = (xmax<int64_t>(kFilterSample, 2048 * k) + unit - 1) / unit * unit;
-  // List size: for a sample like the rest, a row's count is about (L / S) Gamma(k); (L / S) (k + 4 sqrt(k) + 8)
-  // is exceeded by one row in ~10^5 to 10^6 for k = 1 .. 100 (then the exact pass runs).
-  int64_t cap = 256;
-  while ((double)cap < (double)L / S * (k + 4 * sqrt((double)k) + 8)) cap *= 2;
-  if (2 * S > L || cap > kMergeCap || !filter_applies(s, w))
-    return launch_tc(s, dt, x, w, indices, bias, k, scores, ids, ex, nullptr);
+  const int64_t B = s.batch, H = s.in_features, F = s.fan_in, G = s.group_size;
   void *sbuf = nullptr, *tau = nullptr, *count = nullptr, *cs = nullptr, *ci = nullptr, *flag = nullptr;
   int err = (int)scratch_alloc(&sbuf, (size_t)(B * S) * 2, st);
   if (!err) err = (int)scratch_alloc(&tau, sizeof(float) * B, st);
@@ -480,6 +473,31 @@ int launch_filtered(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *
   if (!err) err = launch_tc(s, dt, x, w, indices, bias, k, scores, ids, ex, static_cast<const int *>(flag));
   for (void *p : {sbuf, tau, count, cs, ci, flag})
     if (p) cudaFreeAsync(p, st);
+  return err;
+}
+
+// The filtered path where L is large enough for a sample (and the shape takes the tensor-core forward), in row
+// chunks whose sample logits and lists fit the chunk budget (XMC_FUSED_CHUNK_MB, 128 MB), so its scratch does
+// not grow with the batch either; else launch_tc.
+int launch_filtered(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
+                    const void *bias, int64_t k, void *scores, int64_t *ids, xmc_exec ex) {
+  const int64_t B = s.batch, H = s.in_features, L = s.out_features, G = s.group_size;
+  const int64_t unit = 8 * G;  // whole groups, and rows of 16-byte pieces for sample_kth
+  const int64_t S = (xmax<int64_t>(kFilterSample, 2048 * k) + unit - 1) / unit * unit;
+  // List size: for a sample like the rest, a row's count is about (L / S) Gamma(k); (L / S) (k + 4 sqrt(k) + 8)
+  // is exceeded by one row in ~10^5 to 10^6 for k = 1 .. 100 (then the exact pass runs).
+  int64_t cap = 256;
+  while ((double)cap < (double)L / S * (k + 4 * sqrt((double)k) + 8)) cap *= 2;
+  if (2 * S > L || cap > kMergeCap || !filter_applies(s, w))
+    return launch_tc(s, dt, x, w, indices, bias, k, scores, ids, ex, nullptr);
+  const int64_t per_row = 2 * S + (int64_t)(sizeof(float) + sizeof(int64_t)) * cap;
+  const int64_t rows = xmax<int64_t>(1, xmin<int64_t>(B, chunk_bytes() / per_row));
+  int err = 0;
+  for (int64_t b0 = 0; !err && b0 < B; b0 += rows) {
+    const int64_t n = xmin<int64_t>(rows, B - b0);
+    err = filtered_rows({n, H, L, s.fan_in, G}, dt, static_cast<const unsigned char *>(x) + b0 * H * 2, w, indices,
+                        bias, k, S, cap, static_cast<unsigned char *>(scores) + b0 * k * 2, ids + b0 * k, ex);
+  }
   return err;
 }
 
