@@ -448,7 +448,8 @@ int filtered_rows(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w,
   if (!err) err = xmc_gsffi_forward_cuda({B, H, S, F, G}, dt, x, w, indices, bias, sbuf, ex);
   if (!err) {
     if (dt == XMC_BF16)
-      sample_kth<<<(unsigned)B, 512, 0, st>>>(static_cast<const __nv_bfloat16 *>(sbuf), S, k, static_cast<float *>(tau));
+      sample_kth<<<(unsigned)B, 512, 0, st>>>(static_cast<const __nv_bfloat16 *>(sbuf), S, k,
+                                              static_cast<float *>(tau));
     else
       sample_kth<<<(unsigned)B, 512, 0, st>>>(static_cast<const __half *>(sbuf), S, k, static_cast<float *>(tau));
     err = last_error();
