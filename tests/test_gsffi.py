@@ -174,7 +174,7 @@ def test_module_is_a_drop_in_for_linear(device):
     assert layer.weight.shape == (1001, 16) and layer.bias.shape == (1001,)
     assert layer.indices.shape == (32, 16) and layer.indices.dtype == torch.int32
     XF.check_indices(layer.indices, 64, 1001, 32)
-    assert torch.equal(layer.indices, layer.indices.gather(1, XF.slot_order(layer.indices)))  # canonical order
+    assert torch.equal(layer.indices, XF.in_slot_order(layer.indices))  # canonical order
     bound = 1 / math.sqrt(16)
     assert layer.weight.abs().max() <= bound and layer.weight.std() > bound / 3
     assert "in_features=64, out_features=1001, fan_in=16, group_size=32, bias=True" in repr(layer)
@@ -317,14 +317,14 @@ def test_slot_order(F):
     canon = feat.gather(1, order)
     assert torch.equal(canon.sort(dim=1).values, feat.sort(dim=1).values)
     shuffled = feat.gather(1, torch.rand(50, F).argsort(dim=1))
-    assert torch.equal(shuffled.gather(1, XF.slot_order(shuffled)), canon)
+    assert torch.equal(XF.in_slot_order(shuffled), canon)
     if F % 32:
         assert torch.equal(canon, feat.sort(dim=1).values)
         return
     # balanced rows: exactly F / 8 ids of each residue mod 8
     base = torch.stack([torch.randperm(96)[: F // 8] * 8 + r for r in range(8)], dim=1).flatten()
     rows = torch.stack([base[torch.randperm(F)] for _ in range(10)])
-    canon = rows.gather(1, XF.slot_order(rows))
+    canon = XF.in_slot_order(rows)
     for kc in range(F // 32):
         for s in range(2):
             for b in range(2):

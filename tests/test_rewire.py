@@ -47,7 +47,7 @@ def test_random_layers_stay_valid(trial):
         n = rewire(layer, fraction, opt, generator=g)
         assert n == (0 if F == H else int(fraction * layer.num_groups * F))
         XF.check_indices(layer.indices, H, L, G)
-        assert torch.equal(layer.indices, layer.indices.gather(1, XF.slot_order(layer.indices)))
+        assert torch.equal(layer.indices, XF.in_slot_order(layer.indices))
         if 2 * F > H:
             continue  # a group may then need some just-pruned features back: only validity is promised
         new_w = connections(layer, layer.weight.detach())

@@ -32,6 +32,11 @@ def slot_order(features: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(ranked).scatter_(1, slot.expand(n, F), ranked)
 
 
+def in_slot_order(features: torch.Tensor) -> torch.Tensor:
+    """features [n_groups, F] with each row's ids in the canonical slot order (slot_order); dtype kept."""
+    return features.gather(1, slot_order(features))
+
+
 def check_indices(indices: torch.Tensor, in_features: int, out_features: int, group_size: int) -> None:
     """Raise ValueError unless indices is an int32 [ceil(out_features / group_size), F] tensor whose rows hold
     F distinct feature ids in [0, in_features). Reads the values (a host sync on GPU): call it where indices

@@ -9,7 +9,7 @@ groups of exactly G, so that a group's labels can share input features that matt
 import torch
 
 from .data import XMCData
-from .functional import slot_order
+from .functional import in_slot_order
 
 
 def frequency_order(label_counts: torch.Tensor) -> torch.Tensor:
@@ -114,4 +114,4 @@ def indices_from_embeddings(embeddings: torch.Tensor, group_size: int, fan_in: i
     mass = torch.zeros(n_groups, H).index_add_(0, torch.arange(L) // group_size, embeddings.float().abs())
     # a stable sort keeps ties in feature order, so all-zero groups get 0 .. F-1: deterministic
     top = torch.sort(mass, dim=1, descending=True, stable=True).indices[:, :fan_in]
-    return top.gather(1, slot_order(top)).to(torch.int32)
+    return in_slot_order(top).to(torch.int32)

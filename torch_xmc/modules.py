@@ -18,7 +18,7 @@ def random_indices(n_groups: int, in_features: int, fan_in: int, generator: torc
         g1 = min(g0 + _INDEX_CHUNK, n_groups)
         keys = torch.rand(g1 - g0, in_features, generator=generator)
         feat = keys.topk(fan_in, dim=1).indices
-        out[g0:g1] = feat.gather(1, XF.slot_order(feat)).to(torch.int32)
+        out[g0:g1] = XF.in_slot_order(feat).to(torch.int32)
     return out
 
 
@@ -95,8 +95,7 @@ class GroupSharedFanIn(nn.Module):
         group_of = torch.arange(L, device=w.device) // group_size
         score = torch.zeros(layer.num_groups, H, device=w.device, dtype=torch.float32)
         score.index_add_(0, group_of, w.abs().float())
-        idx = score.topk(fan_in, dim=1).indices
-        idx = idx.gather(1, XF.slot_order(idx))
+        idx = XF.in_slot_order(score.topk(fan_in, dim=1).indices)
         with torch.no_grad():
             layer.indices.copy_(idx)
             layer.weight.copy_(w.gather(1, idx[group_of]))
