@@ -321,6 +321,16 @@ def stable_topk(y, k):
     return s[..., :k], i[..., :k]
 
 
+def assert_exact_topk(x, w, idx, b, G, ks, tag):
+    """gsffi_topk equals the stable top-k of the layer's own forward logits, scores and ids, for every k."""
+    y = XF.group_shared_fan_in(x, w, idx, b, G).float()
+    for k in ks:
+        scores, ids = XF.gsffi_topk(x, w, idx, b, G, k)
+        rs, ri = stable_topk(y, k)
+        assert torch.equal(ids, ri), (tag, k)
+        assert torch.equal(scores.float(), rs), (tag, k)
+
+
 @pytest.mark.parametrize("shape", SHAPES + [(0, 8, 9, 3, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_topk_matches_torch_topk(shape, dtype, device):
@@ -389,12 +399,7 @@ def test_16_bit_topk_over_label_chunks(dtype, device, monkeypatch):
     monkeypatch.setenv("XMC_FUSED_CHUNK_MB", "1")
     for B, L, G in ((40, 30001, 24), (1, 300001, 16)):
         x, w, idx, b = make(B, 64, L, 16, G, device, dtype)
-        y = XF.group_shared_fan_in(x, w, idx, b, G).float()
-        for k in (1, 5, 100):
-            scores, ids = XF.gsffi_topk(x, w, idx, b, G, k)
-            rs, ri = stable_topk(y, k)
-            assert torch.equal(ids, ri), (B, L, k)
-            assert torch.equal(scores.float(), rs)
+        assert_exact_topk(x, w, idx, b, G, (1, 5, 100), (B, L))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -414,12 +419,7 @@ def test_16_bit_topk_filtered(dtype, case, device, monkeypatch):
         b = torch.linspace(-4, 4, L, device=device).to(dtype)
     if case == "ties":
         w, b = torch.zeros_like(w), torch.zeros_like(b)
-    y = XF.group_shared_fan_in(x, w, idx, b, G).float()
-    for k in (1, 5, 100):
-        scores, ids = XF.gsffi_topk(x, w, idx, b, G, k)
-        rs, ri = stable_topk(y, k)
-        assert torch.equal(ids, ri), (case, k)
-        assert torch.equal(scores.float(), rs), (case, k)
+    assert_exact_topk(x, w, idx, b, G, (1, 5, 100), case)
 
 
 def test_topk_deterministic_and_nan_first(device):
