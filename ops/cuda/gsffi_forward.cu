@@ -36,6 +36,74 @@ __device__ __forceinline__ float max_nan(float a, float b) {  // NaN if either i
 __device__ __forceinline__ float rounded(__nv_bfloat16, float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 __device__ __forceinline__ float rounded(__half, float v) { return __half2float(__float2half_rn(v)); }
 
+// The two 16-bit values of a word (low first) as floats.
+__device__ __forceinline__ float2 unpack2(__nv_bfloat16, uint32_t v) {
+  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+}
+__device__ __forceinline__ float2 unpack2(__half, uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2 *>(&v));
+}
+
+// A warp item's operands: its labels' weights as mma B fragments (lane: label nt * 8 + r4, physical k from
+// 8 q), the ldmatrix row addresses of its group's features (fan-in slots past F read the zero row H), and the
+// biases of the thread's output columns 2 q, 2 q + 1 of each 8-label tile. An item with all NW labels and
+// F = 32 KC takes one base address per operand and compile-time offsets (~50 instructions instead of ~290 with
+// the bounds checks); the rest go element by element.
+template <class T, int NW, int KC>
+__device__ __forceinline__ void load_item(const T *__restrict__ w, const int32_t *__restrict__ idx,
+                                          const T *__restrict__ bias, int64_t g, int64_t l0, int64_t lend, int F,
+                                          int H, int stride, uint32_t xs_base, int q, int r4, int kperm,
+                                          bool bias_pairs, uint4 (&wf)[NW / 8][KC], uint32_t (&aoff)[KC][2],
+                                          float (&bia)[NW / 8][2]) {
+  constexpr int FC = KC * 32;
+  if (F == FC && l0 + NW <= lend) {
+    const T *wb = w + (l0 + r4) * FC + 8 * q;
+#pragma unroll
+    for (int nt = 0; nt < NW / 8; ++nt)
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) wf[nt][kc] = ldg16(wb + nt * 8 * FC + kc * 32);
+    const int32_t *ib = idx + g * FC + kperm;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+      for (int s = 0; s < 2; ++s) aoff[kc][s] = xs_base + (uint32_t)__ldg(ib + kc * 32 + 4 * s) * stride;
+    if (bias != nullptr && bias_pairs) {
+#pragma unroll
+      for (int nt = 0; nt < NW / 8; ++nt) {
+        const float2 b = unpack2(T(), __ldg(reinterpret_cast<const unsigned *>(bias + l0 + nt * 8 + 2 * q)));
+        bia[nt][0] = b.x;
+        bia[nt][1] = b.y;
+      }
+      return;
+    }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NW / 8; ++nt) {
+      const int64_t l = l0 + nt * 8 + r4;
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        const int k = kc * 32 + 8 * q;
+        wf[nt][kc] = (l < lend && k < F) ? ldg16(w + l * F + k) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int p = kc * 32 + 4 * s + kperm;
+        const int h = p < F ? __ldg(idx + g * F + p) : H;
+        aoff[kc][s] = xs_base + (uint32_t)h * stride;
+      }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NW / 8; ++nt)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t l = l0 + nt * 8 + 2 * q + j;
+      bia[nt][j] = (bias != nullptr && l < lend) ? to_acc(bias[l]) : 0.f;
+    }
+}
+
 template <class T, int NW, int KC, bool FILTER>
 __global__ void __launch_bounds__(kFwdThreads, 1)
     fwd_mma(const T *__restrict__ x, const T *__restrict__ w, const int32_t *__restrict__ idx,
@@ -71,45 +139,45 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
   const int mtiles = (rows + 15) >> 4;
   unsigned char *stage = smem + (size_t)(H + 1) * stride + warp * 8 * kStageRow;
 
-  for (int64_t item = (int64_t)(blockIdx.x / nbt) * nwarps + warp; item < n_items; item += wstride) {
-    const int64_t g = item / nj;
-    const int64_t l0 = g * G + (item - g * nj) * NW;
+  // Filter mode: each row's threshold and its lowered screen value, in the staging area that this mode does not
+  // use (rows past the batch never pass the screen).
+  const float2 *thr = reinterpret_cast<const float2 *>(smem + (size_t)(H + 1) * stride);
+  if constexpr (FILTER) {
+    for (int r = threadIdx.x; r < BT; r += blockDim.x) {
+      float2 t = make_float2(INFINITY, INFINITY);
+      if (r < rows) {
+        // The screen threshold is lowered by more than the rounding to T can move a value (2^-7 relative, and
+        // fp16's smallest subnormal).
+        t.y = __ldg(flt.tau + b0 + r);
+        t.x = t.y - fabsf(t.y) * 0x1p-7f - 1e-7f;
+      }
+      reinterpret_cast<float2 *>(smem + (size_t)(H + 1) * stride)[r] = t;
+    }
+    __syncthreads();
+  }
+
+  // The work items as (group g, slice j of NW labels), advanced by the warp-grid stride with no 64-bit division.
+  int64_t item = (int64_t)(blockIdx.x / nbt) * nwarps + warp;
+  int64_t g = item / nj;
+  int j = (int)(item - g * nj);
+  const int64_t gstep = wstride / nj;
+  const int jstep = (int)(wstride - gstep * nj);
+  const bool bias_pairs = (G & 1) == 0 && (reinterpret_cast<uintptr_t>(bias) & 3) == 0;
+  for (; item < n_items; item += wstride, g += gstep, j += jstep) {
+    if (j >= nj) j -= nj, ++g;
+    const int64_t l0 = g * G + (int64_t)j * NW;
     const int64_t lend = xmin<int64_t>(g * G + G, L);
 
     uint4 wf[NW / 8][KC];
-#pragma unroll
-    for (int nt = 0; nt < NW / 8; ++nt) {
-      const int64_t l = l0 + nt * 8 + r4;
-#pragma unroll
-      for (int kc = 0; kc < KC; ++kc) {
-        const int k = kc * 32 + 8 * q;
-        wf[nt][kc] = (l < lend && k < F) ? ldg16(w + l * F + k) : make_uint4(0, 0, 0, 0);
-      }
-    }
     uint32_t aoff[KC][2];
-#pragma unroll
-    for (int kc = 0; kc < KC; ++kc)
-#pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const int p = kc * 32 + 4 * s + kperm;
-        const int h = p < F ? __ldg(idx + g * F + p) : H;
-        aoff[kc][s] = xs_base + (uint32_t)h * stride;
-      }
     float bia[NW / 8][2];
-#pragma unroll
-    for (int nt = 0; nt < NW / 8; ++nt)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int64_t l = l0 + nt * 8 + 2 * q + j;
-        bia[nt][j] = (bias != nullptr && l < lend) ? to_acc(bias[l]) : 0.f;
-      }
+    load_item<T, NW, KC>(w, idx, bias, g, l0, lend, F, H, stride, xs_base, q, r4, kperm, bias_pairs, wf, aoff, bia);
 
     for (int mt = 0; mt < mtiles; ++mt) {
-      float taus[2] = {0.f, 0.f};  // filter mode: the rows' thresholds, loaded before the products need them
+      float2 taus[2];  // filter mode: the rows' thresholds, loaded before the products need them
       if constexpr (FILTER)
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-          if (mt * 16 + 8 * hh + r4 < rows) taus[hh] = __ldg(flt.tau + b0 + mt * 16 + 8 * hh + r4);
+        for (int hh = 0; hh < 2; ++hh) taus[hh] = thr[mt * 16 + 8 * hh + r4];
       float acc[NW / 8][4];
 #pragma unroll
       for (int nt = 0; nt < NW / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -126,11 +194,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
       if constexpr (FILTER) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int row = mt * 16 + 8 * hh + r4;
-          if (row >= rows) continue;
-          const float tau = taus[hh];
-          // First the largest of the thread's NW / 4 logits of this row (NaN wins), against a threshold lowered
-          // by more than the rounding to T can move a value (2^-7 relative, and fp16's smallest subnormal).
+          // First the largest of the thread's NW / 4 logits of this row (NaN wins), against the lowered threshold.
           float part[NW / 8];  // a pairwise tree, not a chain of NW / 4 dependent maxima
 #pragma unroll
           for (int nt = 0; nt < NW / 8; ++nt)
@@ -139,8 +203,9 @@ __global__ void __launch_bounds__(kFwdThreads, 1)
           for (int w = 1; w < NW / 8; w *= 2)
 #pragma unroll
             for (int nt = 0; nt + w < NW / 8; nt += 2 * w) part[nt] = max_nan(part[nt], part[nt + w]);
-          const float top = part[0];
-          if (top < tau - fabsf(tau) * 0x1p-7f - 1e-7f) continue;
+          const int row = mt * 16 + 8 * hh + r4;
+          if (part[0] < taus[hh].x || row >= rows) continue;
+          const float tau = taus[hh].y;
 #pragma unroll
           for (int nt = 0; nt < NW / 8; ++nt)
 #pragma unroll
