@@ -395,11 +395,13 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
   // The buffer holds scale * d loss / d logit in bf16 (fp32's exponent range); in fp16 it holds the unscaled
   // gradient (|.| <= 1 for BCE), since scales like 1 / (B L) would flush it to zero, and the products are scaled.
   const float zscale = dt == XMC_BF16 ? (float)scale : 1.f, post = dt == XMC_BF16 ? 1.f : (float)scale;
-  void *buf = nullptr, *bits = nullptr, *block_loss = nullptr, *acc = nullptr;
-  int err = (int)scratch_alloc(&buf, (size_t)(B * nl) * 2, st);
-  if (!err) err = (int)scratch_alloc(&bits, (size_t)(B * words) * 4, st);
-  if (!err) err = (int)scratch_alloc(&block_loss, (size_t)(n_chunks * parts_per_chunk) * sizeof(double), st);
-  if (!err && gx) err = (int)scratch_alloc(&acc, (size_t)(B * H) * sizeof(float), st);
+  void *block = nullptr, *buf = nullptr, *bits = nullptr, *block_loss = nullptr, *acc = nullptr;
+  int err = (int)scratch_parts(&block,
+                               {{&buf, (size_t)(B * nl) * 2},
+                                {&bits, (size_t)(B * words) * 4},
+                                {&block_loss, (size_t)(n_chunks * parts_per_chunk) * sizeof(double)},
+                                {&acc, gx ? (size_t)(B * H) * sizeof(float) : 0}},
+                               st);
   if (!err && gx) err = (int)cudaMemsetAsync(acc, 0, (size_t)(B * H) * sizeof(float), st);
   const int64_t esz = 2;
   int64_t n_parts = 0;
@@ -444,8 +446,7 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     f32_to<<<(unsigned)((B * H + 255) / 256), 256, 0, st>>>(static_cast<float *>(acc), B * H, post, dt, gx);
     err = last_error();
   }
-  for (void *p : {buf, bits, block_loss, acc})
-    if (p) cudaFreeAsync(p, st);
+  if (block) cudaFreeAsync(block, st);
   return err;
 }
 

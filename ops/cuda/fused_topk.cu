@@ -10,7 +10,10 @@
 // depend on the chunking.
 #include <math.h>
 
+#include <cooperative_groups.h>
+
 #include "fused_common.cuh"
+#include "gsffi_forward_tile.cuh"
 
 namespace xmc_cuda {
 namespace fused {
@@ -140,9 +143,12 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
   C = xmin<int64_t>(C, n_blocks);
   A *hs = nullptr;
   int64_t *hi = nullptr, *hn = nullptr;
-  int err = (int)scratch_alloc(reinterpret_cast<void **>(&hs), sizeof(A) * C * B * k, stream);
-  if (!err) err = (int)scratch_alloc(reinterpret_cast<void **>(&hi), sizeof(int64_t) * C * B * k, stream);
-  if (!err) err = (int)scratch_alloc(reinterpret_cast<void **>(&hn), sizeof(int64_t) * C * B, stream);
+  void *block = nullptr;
+  int err = (int)scratch_parts(&block,
+                               {{reinterpret_cast<void **>(&hs), sizeof(A) * C * B * k},
+                                {reinterpret_cast<void **>(&hi), sizeof(int64_t) * C * B * k},
+                                {reinterpret_cast<void **>(&hn), sizeof(int64_t) * C * B}},
+                               stream);
   if (!err) {
     const size_t smem = sizeof(A) * (XS + WS + ZS);
     prepare(scan_kernel<T>, THREADS, smem);
@@ -156,9 +162,7 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
                                                                      ids);
     err = last_error();
   }
-  cudaFreeAsync(hs, stream);
-  cudaFreeAsync(hi, stream);
-  cudaFreeAsync(hn, stream);
+  if (block) cudaFreeAsync(block, stream);
   return err;
 }
 
@@ -175,14 +179,11 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
 constexpr int kScanWarps = 8;
 constexpr int64_t kScanSmemK = 512;
 
+// scan_chunk's work for warp wid (one heap).
 template <class T>
-__global__ void scan_chunk(const T *z, int64_t B, int64_t nl, int64_t c0, int64_t S, int64_t k, bool vec,
-                           float *hs_g, int64_t *hi_g, int64_t *hn, const int *run_if) {
-  if (run_if != nullptr && *run_if == 0) return;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t wid = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32, wib = threadIdx.x / 32;
-  if (wid >= S * B) return;  // whole warps
+__device__ __forceinline__ void scan_heap(const T *z, int64_t B, int64_t nl, int64_t c0, int64_t S, int64_t k,
+                                          bool vec, float *hs_g, int64_t *hi_g, int64_t *hn, unsigned char *smem,
+                                          int64_t wid, int lane, int wib) {
   const int64_t sg = wid / B, b = wid - sg * B, n8 = (nl + 7) / 8;
   const int64_t lo = n8 * sg / S * 8, hi_ = xmin<int64_t>(n8 * (sg + 1) / S * 8, nl);
   int64_t n = hn[wid];
@@ -191,7 +192,7 @@ __global__ void scan_chunk(const T *z, int64_t B, int64_t nl, int64_t c0, int64_
   int64_t *hi = hi_g + wid * k;
   if (in_smem) {
     hi = reinterpret_cast<int64_t *>(smem) + wib * k;
-    hs = reinterpret_cast<float *>(reinterpret_cast<int64_t *>(smem) + kScanWarps * k) + wib * k;
+    hs = reinterpret_cast<float *>(reinterpret_cast<int64_t *>(smem) + (blockDim.x / 32) * k) + wib * k;
     for (int64_t j = lane; j < n; j += 32) {
       hs[j] = hs_g[wid * k + j];
       hi[j] = hi_g[wid * k + j];
@@ -241,20 +242,65 @@ __global__ void scan_chunk(const T *z, int64_t B, int64_t nl, int64_t c0, int64_
   }
 }
 
+template <class T>
+__global__ void scan_chunk(const T *z, int64_t B, int64_t nl, int64_t c0, int64_t S, int64_t k, bool vec,
+                           float *hs_g, int64_t *hi_g, int64_t *hn, const int *run_if) {
+  if (run_if != nullptr && *run_if == 0) return;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x % 32, wib = threadIdx.x / 32;
+  for (int64_t wid = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; wid < S * B;
+       wid += (int64_t)gridDim.x * blockDim.x / 32)  // whole warps
+    scan_heap<T>(z, B, nl, c0, S, k, vec, hs_g, hi_g, hn, smem, wid, lane, wib);
+}
+
 constexpr int kMergeCap = 8192;  // entries one merge_sorted block sorts in shared memory (96 KB)
 
 // One block per row: the S lists' entries (list [c, b] holds hn[c B + b] <= m entries at [(c B + b) m], S m <= n,
-// n a power of two <= kMergeCap) sorted best first in shared memory (bitonic; the free places hold -inf with an
-// id above every label, which ranks below every entry), and the first k written out. merge_kernel does the same
-// with one thread per row, S m heap offers each.
+// n a power of two <= kMergeCap; a single list only up to its count) sorted best first in shared memory
+// (bitonic; the free places hold -inf with an id above every label, which ranks below every entry), and the
+// first k written out. A single list that fits the block is ranked instead: threads count the entries above
+// each entry (~230 for the top 5 of 3M labels: one pass instead of ~36 sorting stages). merge_kernel does the
+// same with one thread per row, S m heap offers each.
 template <class T>
-__global__ void merge_sorted(int64_t B, int64_t k, int64_t m, int64_t S, int n, const float *hs, const int64_t *hi,
-                             const int64_t *hn, T *scores, int64_t *ids, const int *run_if) {
-  if (run_if != nullptr && *run_if == 0) return;
-  extern __shared__ __align__(16) unsigned char smem[];
+__device__ __forceinline__ void merge_row(int64_t b, int64_t B, int64_t k, int64_t m, int64_t S, int n,
+                                          const float *hs, const int64_t *hi, const int64_t *hn, T *scores,
+                                          int64_t *ids, unsigned char *smem) {
   int64_t *si = reinterpret_cast<int64_t *>(smem);
   float *sv = reinterpret_cast<float *>(si + n);
-  const int64_t b = blockIdx.x;
+  if (S == 1) {  // one list (the filter's)
+    const int64_t cnt = xmin<int64_t>(hn[b], m);
+    if (cnt <= blockDim.x) {
+      // An entry's place is the number of entries that rank above it (a total order). The ranking as one 64-bit
+      // key per entry: the value's 16-bit key over the complement of its label id in 48 bits (any L whose
+      // weights fit in memory), and P = blockDim / cnt threads (a power of two <= 32) count each entry's share.
+      uint64_t *key = reinterpret_cast<uint64_t *>(smem);
+      for (int e = threadIdx.x; e < cnt; e += blockDim.x) {
+        const uint64_t vkey = rank_key<T>(bits16(T(), hs[b * m + e]));
+        key[e] = vkey << 48 | ((1ull << 48) - 1 - (uint64_t)hi[b * m + e]);
+      }
+      __syncthreads();
+      int P = 1;
+      while (P < 32 && 2 * P * cnt <= (int64_t)blockDim.x) P *= 2;
+      const int e = threadIdx.x / P, p = threadIdx.x % P;
+      const uint64_t mine = e < cnt ? key[e] : 0;
+      int r0 = 0, r1 = 0;
+      int j = p;
+      for (; j + P < cnt; j += 2 * P) {  // two independent counts
+        r0 += key[j] > mine;
+        r1 += key[j + P] > mine;
+      }
+      if (j < cnt) r0 += key[j] > mine;
+      int r = r0 + r1;
+      for (int o = 1; o < P; o *= 2) r += __shfl_xor_sync(0xffffffffu, r, o);
+      if (e < cnt && p == 0 && r < k) {  // (a list of fewer than k entries leaves places unwritten: flagged)
+        put(scores + b * k + r, hs[b * m + e]);
+        ids[b * k + r] = hi[b * m + e];
+      }
+      return;
+    }
+    // else sort only the power of two that holds its entries and k
+    while (n / 2 >= xmax<int64_t>(cnt, k) && n > 2) n /= 2;
+  }
   for (int e = threadIdx.x; e < n; e += blockDim.x) {
     const int64_t c = e / m, j = e - c * m;
     const bool ok = c < S && j < xmin<int64_t>(hn[c * B + b], m);
@@ -284,6 +330,14 @@ __global__ void merge_sorted(int64_t B, int64_t k, int64_t m, int64_t S, int n, 
   }
 }
 
+template <class T>
+__global__ void merge_sorted(int64_t B, int64_t k, int64_t m, int64_t S, int n, const float *hs, const int64_t *hi,
+                             const int64_t *hn, T *scores, int64_t *ids, const int *run_if) {
+  if (run_if != nullptr && *run_if == 0) return;
+  extern __shared__ __align__(16) unsigned char smem[];
+  merge_row<T>(blockIdx.x, B, k, m, S, n, hs, hi, hn, scores, ids, smem);
+}
+
 // Merges S lists of at most m entries per row (heaps of m = k, or the filter's candidate lists) into the best k.
 template <class T>
 int merge(int64_t B, int64_t k, int64_t m, int64_t S, const float *hs, const int64_t *hi, const int64_t *hn,
@@ -303,6 +357,93 @@ int merge(int64_t B, int64_t k, int64_t m, int64_t S, const float *hs, const int
   return last_error();
 }
 
+// launch_tc's work gated on *run_if in ONE cooperative launch (a grid of whole waves of the forward's blocks,
+// phases separated by grid-wide barriers): per label chunk the forward tile into buf, then the heaps' scan; then
+// the merge. launch_filtered's fallback runs rarely, and as ~25 gated launches it cost ~60 us on every call
+// (2.4 us apart on an H100, even returning at once); as one it costs one.
+template <class T, int NW, int KC>
+__global__ void __launch_bounds__(kFwdThreads, 1)
+    exact_topk_coop(FwdArgs<T> all, int64_t nl, int64_t S, int64_t k, int merge_n, float *hs, int64_t *hi,
+                    int64_t *hn, T *scores, int64_t *ids, const int *run_if) {
+  if (*run_if == 0) return;
+  extern __shared__ __align__(16) unsigned char smem[];
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const int64_t B = all.B, L = all.L, G = all.G, F = all.F;
+  const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, nthreads = (int64_t)gridDim.x * blockDim.x;
+  const int lane = threadIdx.x % 32, wib = threadIdx.x / 32;
+  for (int64_t i = tid; i < S * B; i += nthreads) hn[i] = 0;
+  for (int64_t c0 = 0; c0 < L; c0 += nl) {
+    const int64_t n = xmin<int64_t>(nl, L - c0);
+    FwdArgs<T> a = all;
+    a.w = all.w + c0 * F;
+    a.idx = all.idx + c0 / G * F;
+    a.bias = all.bias != nullptr ? all.bias + c0 : nullptr;
+    a.L = n;
+    a.n_items = (n + G - 1) / G * a.nj;
+    a.y_vec = all.y_vec && n % 8 == 0;
+    fwd_mma_tile<T, NW, KC, kLogits>(a, blockIdx.x, gridDim.x, smem);
+    grid.sync();
+    for (int64_t wid = tid / 32; wid < S * B; wid += nthreads / 32)
+      scan_heap<T>(a.y, B, n, c0, S, k, n % 8 == 0, hs, hi, hn, smem, wid, lane, wib);
+    grid.sync();
+  }
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    merge_row<T>(b, B, k, k, S, merge_n, hs, hi, hn, scores, ids, smem);
+    __syncthreads();
+  }
+}
+
+// Launches exact_topk_coop for launch_tc's buffers; returns false (nothing launched) where the shape does not
+// fit one wave of co-resident blocks, or the device has no cooperative launch.
+template <class T, int NW, int KC>
+bool coop_launch(xmc_gsffi_shape s, int BT, const void *x, const void *w, const int32_t *indices, const void *bias,
+                 void *buf, int64_t nl, int64_t S, int64_t k, float *hs, int64_t *hi, int64_t *hn, void *scores,
+                 int64_t *ids, const int *run_if, cudaStream_t st, int *err) {
+  int merge_n = 2;
+  while (merge_n < S * k) merge_n *= 2;
+  const size_t smem = xmax<size_t>(xmax<size_t>(fwd_smem(s.in_features, BT), (size_t)merge_n * 12),
+                                   k <= kScanSmemK ? (size_t)(kFwdThreads / 32) * k * 12 : 0);
+  if (merge_n > kMergeCap || smem > (size_t)smem_optin()) return false;
+  if (!device_attr<cudaDevAttrCooperativeLaunch>()) return false;
+  auto kernel = exact_topk_coop<T, NW, KC>;
+  const int per_sm = prepare(kernel, kFwdThreads, smem);
+  FwdArgs<T> a = fwd_args<T>({s.batch, s.in_features, nl, s.fan_in, s.group_size}, NW, BT, x, w, indices, bias,
+                             buf);
+  a.L = s.out_features;
+  const int64_t grid = (int64_t)num_sms() * per_sm / a.nbt * a.nbt;  // whole batch tiles, all co-resident
+  if (grid < a.nbt) return false;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)grid);
+  cfg.blockDim = dim3(kFwdThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  *err = (int)cudaLaunchKernelEx(&cfg, kernel, a, nl, S, k, merge_n, hs, hi, hn, static_cast<T *>(scores), ids,
+                                 run_if);
+  return true;
+}
+
+template <class T>
+bool exact_coop(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indices, const void *bias,
+                void *buf, int64_t nl, int64_t S, int64_t k, float *hs, int64_t *hi, int64_t *hn, void *scores,
+                int64_t *ids, const int *run_if, cudaStream_t st, int *err) {
+  const int BT = tensor_core_tile(s, w);
+  if (BT == 0) return false;
+  int nw, kc;
+  mma_sizes(s, &nw, &kc);
+#define XMC_COOP(NW_, KC_)                                                                                     \
+  if (nw == NW_ && kc == KC_)                                                                                  \
+    return coop_launch<T, NW_, KC_>(s, BT, x, w, indices, bias, buf, nl, S, k, hs, hi, hn, scores, ids, run_if, \
+                                    st, err);
+  XMC_FWD_SIZES(XMC_COOP)
+#undef XMC_COOP
+  return false;
+}
+
 // run_if: every kernel returns at once unless *run_if != 0 (launch_filtered's fallback).
 int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
               const void *bias, int64_t k, void *scores, int64_t *ids, xmc_exec ex, const int *run_if) {
@@ -312,11 +453,26 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
   // segments per row: ~8K scanning warps in all, each with >= 256 labels of a chunk, and S k <= 1024: a heap of
   // k takes ~k ln(labels / k) offers, one lane at a time, so many heaps of a large k cost more than the scan
   const int64_t S = xmax<int64_t>(1, xmin<int64_t>(xmin<int64_t>(8192 / B, 1024 / k), nl / 256));
-  void *buf = nullptr, *hs = nullptr, *hi = nullptr, *hn = nullptr;
-  int err = (int)scratch_alloc(&buf, (size_t)(B * nl) * 2, st);
-  if (!err) err = (int)scratch_alloc(&hs, sizeof(float) * S * B * k, st);
-  if (!err) err = (int)scratch_alloc(&hi, sizeof(int64_t) * S * B * k, st);
-  if (!err) err = (int)scratch_alloc(&hn, sizeof(int64_t) * S * B, st);
+  void *block = nullptr, *buf = nullptr, *hs = nullptr, *hi = nullptr, *hn = nullptr;
+  int err = (int)scratch_parts(&block,
+                               {{&buf, (size_t)(B * nl) * 2},
+                                {&hs, sizeof(float) * S * B * k},
+                                {&hi, sizeof(int64_t) * S * B * k},
+                                {&hn, sizeof(int64_t) * S * B}},
+                               st);
+  if (!err && run_if != nullptr) {
+    float *h = static_cast<float *>(hs);
+    int64_t *i = static_cast<int64_t *>(hi), *c = static_cast<int64_t *>(hn);
+    const bool launched = dt == XMC_BF16
+                              ? exact_coop<__nv_bfloat16>(s, x, w, indices, bias, buf, nl, S, k, h, i, c, scores,
+                                                          ids, run_if, st, &err)
+                              : exact_coop<__half>(s, x, w, indices, bias, buf, nl, S, k, h, i, c, scores, ids,
+                                                   run_if, st, &err);
+    if (launched) {
+      cudaFreeAsync(block, st);
+      return err;
+    }
+  }
   if (!err) err = (int)cudaMemsetAsync(hn, 0, sizeof(int64_t) * S * B, st);
   for (int64_t c0 = 0; !err && c0 < L; c0 += nl) {
     const int64_t n = xmin<int64_t>(nl, L - c0);
@@ -326,7 +482,10 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     err = run_if != nullptr ? forward_gated(sc, dt, x, wc, indices + c0 / G * F, bc, buf, run_if, st)
                             : xmc_gsffi_forward_cuda(sc, dt, x, wc, indices + c0 / G * F, bc, buf, ex);
     if (!err) {
-      const unsigned blocks = (unsigned)((S * B + kScanWarps - 1) / kScanWarps);
+      // gated: one wave of blocks, which loop over the warps' heaps (a block that returns at once still costs
+      // its launch)
+      const unsigned blocks = (unsigned)xmin<int64_t>((S * B + kScanWarps - 1) / kScanWarps,
+                                                      (int64_t)num_sms() * (run_if != nullptr ? 1 : 4));
       const size_t smem = k <= kScanSmemK ? (size_t)kScanWarps * k * (sizeof(float) + sizeof(int64_t)) : 0;
       const bool vec = n % 8 == 0;
       float *h = static_cast<float *>(hs);
@@ -349,15 +508,15 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     err = dt == XMC_BF16 ? merge<__nv_bfloat16>(B, k, k, S, h, i, c, scores, ids, run_if, st)
                          : merge<__half>(B, k, k, S, h, i, c, scores, ids, run_if, st);
   }
-  for (void *p : {buf, hs, hi, hn})
-    if (p) cudaFreeAsync(p, st);
+  if (block) cudaFreeAsync(block, st);
   return err;
 }
 
 // ---- Filtered tensor-core path (bf16, fp16, large L) ----
-// 1. The forward kernel on a sample, the first S labels, into a [B, S] buffer; sample_kth finds tau[b], the k-th
-//    best logit of row b there (a radix select: two histogram passes over the row, no heaps). The k-th best
-//    over all labels is at least tau[b], so the top k are among the logits not below it.
+// 1. The forward kernel on a sample, the first S labels, in chunk-maximum mode: for each row, the largest logit
+//    of each work item (<= 32 labels of a group) as a 16-bit key, [B, M]; sample_kth finds tau[b], the k-th best
+//    of row b's maxima (a radix select: two histogram passes, no heaps). The k-th best logit over all labels is
+//    at least tau[b], so the top k are among the logits not below it.
 // 2. One forward pass over all labels in filter mode (gsffi_forward.cu): those logits, ~k L / S per row, go to
 //    per-row lists of at most cap entries. No [B, L] buffer, and no chunk to write and read back.
 // 3. merge_sorted sorts each row's list and writes its best k. The ranking is a total order, so the lists'
@@ -367,45 +526,24 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
 //    layer whose logits all tie) the answer is still exact. The host never waits on the flag.
 constexpr int64_t kFilterSample = 65536;  // sample labels at least, and 2048 per k
 
-// A 16-bit value's rank as an unsigned key: order-preserving for numbers, NaN (which ranks above every number)
-// the largest key; and back.
-template <class T> __device__ __forceinline__ bool is_nan_bits(uint16_t u);
-template <> __device__ __forceinline__ bool is_nan_bits<__nv_bfloat16>(uint16_t u) {
-  return (u & 0x7f80) == 0x7f80 && (u & 0x7f) != 0;
-}
-template <> __device__ __forceinline__ bool is_nan_bits<__half>(uint16_t u) {
-  return (u & 0x7c00) == 0x7c00 && (u & 0x3ff) != 0;
-}
-template <class T> __device__ __forceinline__ uint32_t rank_key(uint16_t u) {
-  if (is_nan_bits<T>(u)) return 0xffff;
-  return (u & 0x8000) ? (~u & 0xffffu) : (u | 0x8000u);
-}
-template <class T> __device__ __forceinline__ float key_value(uint32_t key) {  // 0xffff: a NaN
-  const uint16_t u = (uint16_t)((key & 0x8000) ? (key & 0x7fff) : (~key & 0xffff));
-  return to_acc(*reinterpret_cast<const T *>(&u));
-}
-
-// One block per row: tau[b] = the k-th best of z[b, 0 .. S), by the keys' high byte, then the low byte within it
-// (S a multiple of 8).
+// One block per row: tau[b] = the k-th best of the row's M chunk maxima (keys [B, M] from forward_chunk_max),
+// a lower bound of the k-th best logit of the sample: the k best chunks hold k logits not below it. It is the
+// sample's k-th best unless two of the sample's best k share a chunk, ~k^2 / (2 M) ranks lower on average, which
+// launch_filtered's list size allows for. A radix select: the keys' high byte, then the low byte within it, each
+// by a 256-bin histogram.
 template <class T>
-__global__ void sample_kth(const T *z, int64_t S, int64_t k, float *tau) {
+__global__ void sample_kth(const uint16_t *keys, int64_t M, int64_t k, float *tau) {
   __shared__ unsigned hist[256];
   __shared__ uint32_t pick[2];  // the high byte, then the rank still to find within it
-  const uint16_t *zr = reinterpret_cast<const uint16_t *>(z) + blockIdx.x * S;
+  const uint16_t *kr = keys + blockIdx.x * M;
   uint32_t hi = 0, want = (uint32_t)k;
   for (int pass = 0; pass < 2; ++pass) {
     for (int e = threadIdx.x; e < 256; e += blockDim.x) hist[e] = 0;
     __syncthreads();
-    // 16-byte loads, 4 in flight per thread (the launcher makes S a multiple of 8)
-#pragma unroll 4
-    for (int64_t e = threadIdx.x; e < S / 8; e += blockDim.x) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4 *>(zr) + e);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t key = rank_key<T>((uint16_t)(word(v, i >> 1) >> (16 * (i & 1))));
-        if (pass == 0) atomicAdd(&hist[key >> 8], 1u);
-        else if ((key >> 8) == hi) atomicAdd(&hist[key & 0xff], 1u);
-      }
+    for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
+      const uint32_t key = __ldg(kr + e);
+      if (pass == 0) atomicAdd(&hist[key >> 8], 1u);
+      else if ((key >> 8) == hi) atomicAdd(&hist[key & 0xff], 1u);
     }
     __syncthreads();
     if (threadIdx.x == 0) {  // the bin, from the top, in which the count reaches `want`
@@ -433,25 +571,30 @@ __global__ void lists_undecided(const unsigned long long *count, int64_t B, int6
   if (threadIdx.x == 0) *flag = any;
 }
 
-// The filtered path for the rows of s (all its steps), with sample S and lists of cap entries.
+// The filtered path for the rows of s (all its steps), with sample S (M chunks) and lists of cap entries.
 int filtered_rows(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
-                  const void *bias, int64_t k, int64_t S, int64_t cap, void *scores, int64_t *ids, xmc_exec ex) {
+                  const void *bias, int64_t k, int64_t S, int64_t M, int64_t cap, void *scores, int64_t *ids,
+                  xmc_exec ex) {
   cudaStream_t st = ex.stream;
   const int64_t B = s.batch, H = s.in_features, F = s.fan_in, G = s.group_size;
-  void *sbuf = nullptr, *tau = nullptr, *count = nullptr, *cs = nullptr, *ci = nullptr, *flag = nullptr;
-  int err = (int)scratch_alloc(&sbuf, (size_t)(B * S) * 2, st);
-  if (!err) err = (int)scratch_alloc(&tau, sizeof(float) * B, st);
-  if (!err) err = (int)scratch_alloc(&count, sizeof(unsigned long long) * B, st);
-  if (!err) err = (int)scratch_alloc(&cs, sizeof(float) * B * cap, st);
-  if (!err) err = (int)scratch_alloc(&ci, sizeof(int64_t) * B * cap, st);
-  if (!err) err = (int)scratch_alloc(&flag, sizeof(int), st);
-  if (!err) err = xmc_gsffi_forward_cuda({B, H, S, F, G}, dt, x, w, indices, bias, sbuf, ex);
+  void *block = nullptr, *keys = nullptr, *tau = nullptr, *count = nullptr, *cs = nullptr, *ci = nullptr,
+       *flag = nullptr;
+  int err = (int)scratch_parts(&block,
+                               {{&keys, (size_t)(B * M) * 2},
+                                {&tau, sizeof(float) * B},
+                                {&count, sizeof(unsigned long long) * B},
+                                {&cs, sizeof(float) * B * cap},
+                                {&ci, sizeof(int64_t) * B * cap},
+                                {&flag, sizeof(int)}},
+                               st);
+  if (!err) err = forward_chunk_max({B, H, S, F, G}, dt, x, w, indices, bias, static_cast<uint16_t *>(keys), st);
   if (!err) {
+    const uint16_t *kp = static_cast<const uint16_t *>(keys);
+    float *tp = static_cast<float *>(tau);
     if (dt == XMC_BF16)
-      sample_kth<<<(unsigned)B, 512, 0, st>>>(static_cast<const __nv_bfloat16 *>(sbuf), S, k,
-                                              static_cast<float *>(tau));
+      sample_kth<__nv_bfloat16><<<(unsigned)B, 256, 0, st>>>(kp, M, k, tp);
     else
-      sample_kth<<<(unsigned)B, 512, 0, st>>>(static_cast<const __half *>(sbuf), S, k, static_cast<float *>(tau));
+      sample_kth<__half><<<(unsigned)B, 256, 0, st>>>(kp, M, k, tp);
     err = last_error();
   }
   if (!err) err = (int)cudaMemsetAsync(count, 0, sizeof(unsigned long long) * B, st);
@@ -472,32 +615,34 @@ int filtered_rows(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w,
                          : merge<__half>(B, k, cap, 1, h, i, c, scores, ids, nullptr, st);
   }
   if (!err) err = launch_tc(s, dt, x, w, indices, bias, k, scores, ids, ex, static_cast<const int *>(flag));
-  for (void *p : {sbuf, tau, count, cs, ci, flag})
-    if (p) cudaFreeAsync(p, st);
+  if (block) cudaFreeAsync(block, st);
   return err;
 }
 
 // The filtered path where L is large enough for a sample (and the shape takes the tensor-core forward), in row
-// chunks whose sample logits and lists fit the chunk budget (XMC_FUSED_CHUNK_MB, 128 MB), so its scratch does
+// chunks whose sample keys and lists fit the chunk budget (XMC_FUSED_CHUNK_MB, 128 MB), so its scratch does
 // not grow with the batch either; else launch_tc.
 int launch_filtered(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
                     const void *bias, int64_t k, void *scores, int64_t *ids, xmc_exec ex) {
   const int64_t B = s.batch, H = s.in_features, L = s.out_features, G = s.group_size;
-  const int64_t unit = 8 * G;  // whole groups, and rows of 16-byte pieces for sample_kth
-  const int64_t S = (xmax<int64_t>(kFilterSample, 2048 * k) + unit - 1) / unit * unit;
-  // List size: for a sample like the rest, a row's count is about (L / S) Gamma(k); (L / S) (k + 4 sqrt(k) + 8)
-  // is exceeded by one row in ~10^5 to 10^6 for k = 1 .. 100 (then the exact pass runs).
+  const int64_t S = (xmax<int64_t>(kFilterSample, 2048 * k) + G - 1) / G * G;  // whole groups
+  if (2 * S > L || !filter_applies(s, w)) return launch_tc(s, dt, x, w, indices, bias, k, scores, ids, ex, nullptr);
+  const int64_t M = forward_chunks({B, H, S, s.fan_in, G});
+  // List size: for a sample like the rest, a row's count is about (L / S) Gamma(k + d), where d ~ k^2 / (2 M) is
+  // how far the chunk maxima's k-th best falls below the sample's (~0.01 for k = 5, ~0.8 for k = 100);
+  // (L / S) (k + d + 4 sqrt(k + d) + 8) is exceeded by one row in ~10^5 to 10^6 for k = 1 .. 100 (then the exact
+  // pass runs).
+  const double kd = k + (double)k * k / (2.0 * M);
   int64_t cap = 256;
-  while ((double)cap < (double)L / S * (k + 4 * sqrt((double)k) + 8)) cap *= 2;
-  if (2 * S > L || cap > kMergeCap || !filter_applies(s, w))
-    return launch_tc(s, dt, x, w, indices, bias, k, scores, ids, ex, nullptr);
-  const int64_t per_row = 2 * S + (int64_t)(sizeof(float) + sizeof(int64_t)) * cap;
+  while ((double)cap < (double)L / S * (kd + 4 * sqrt(kd) + 8)) cap *= 2;
+  if (cap > kMergeCap) return launch_tc(s, dt, x, w, indices, bias, k, scores, ids, ex, nullptr);
+  const int64_t per_row = 2 * M + (int64_t)(sizeof(float) + sizeof(int64_t)) * cap;
   const int64_t rows = xmax<int64_t>(1, xmin<int64_t>(B, chunk_bytes() / per_row));
   int err = 0;
   for (int64_t b0 = 0; !err && b0 < B; b0 += rows) {
     const int64_t n = xmin<int64_t>(rows, B - b0);
     err = filtered_rows({n, H, L, s.fan_in, G}, dt, static_cast<const unsigned char *>(x) + b0 * H * 2, w, indices,
-                        bias, k, S, cap, static_cast<unsigned char *>(scores) + b0 * k * 2, ids + b0 * k, ex);
+                        bias, k, S, M, cap, static_cast<unsigned char *>(scores) + b0 * k * 2, ids + b0 * k, ex);
   }
   return err;
 }

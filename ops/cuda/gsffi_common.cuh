@@ -13,6 +13,12 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
+#include <initializer_list>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+
 #include "xmc.h"
 
 namespace xmc_cuda {
@@ -127,40 +133,128 @@ __device__ __forceinline__ uint4 load_elems(const T *p, int64_t valid, bool vec)
   return r;
 }
 
-inline int device_attr(cudaDeviceAttr a) {
-  int dev = 0, v = 0;
+// The bits of v rounded to T.
+__device__ __forceinline__ uint16_t bits16(__nv_bfloat16, float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ uint16_t bits16(__half, float v) { return __half_as_ushort(__float2half_rn(v)); }
+
+// A 16-bit value's rank as an unsigned key: order-preserving for numbers, NaN (which ranks above every number)
+// the largest key; and back.
+template <class T> __device__ __forceinline__ bool is_nan_bits(uint16_t u);
+template <> __device__ __forceinline__ bool is_nan_bits<__nv_bfloat16>(uint16_t u) {
+  return (u & 0x7f80) == 0x7f80 && (u & 0x7f) != 0;
+}
+template <> __device__ __forceinline__ bool is_nan_bits<__half>(uint16_t u) {
+  return (u & 0x7c00) == 0x7c00 && (u & 0x3ff) != 0;
+}
+template <class T> __device__ __forceinline__ uint32_t rank_key(uint16_t u) {
+  if (is_nan_bits<T>(u)) return 0xffff;
+  return (u & 0x8000) ? (~u & 0xffffu) : (u | 0x8000u);
+}
+template <class T> __device__ __forceinline__ float key_value(uint32_t key) {  // 0xffff: a NaN
+  const uint16_t u = (uint16_t)((key & 0x8000) ? (key & 0x7fff) : (~key & 0xffff));
+  return to_acc(*reinterpret_cast<const T *>(&u));
+}
+
+inline int current_device() {
+  int dev = 0;
   cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&v, a, dev);
+  return dev;
+}
+
+// Device attributes and kernel set-up are looked up once per device (and kernel, block size, shared memory):
+// the driver queries cost ~0.3-1 us each, and a fused top-k or training step made ~30 of them before its first
+// kernel could start.
+constexpr int kMaxDevices = 64;
+
+template <cudaDeviceAttr A>
+inline int device_attr() {
+  static std::atomic<int> cache[kMaxDevices];  // 0 until read: both attributes used here are positive
+  const int dev = current_device();
+  int v = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    cudaDeviceGetAttribute(&v, A, dev);
+    if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
+  }
   return v;
 }
-inline int num_sms() { return device_attr(cudaDevAttrMultiProcessorCount); }
-inline int smem_optin() { return device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
+inline int num_sms() { return device_attr<cudaDevAttrMultiProcessorCount>(); }
+inline int smem_optin() { return device_attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
-// Raises a kernel's dynamic shared-memory limit (needed above 48 KB) and returns its blocks per SM.
+// Raises a kernel's dynamic shared-memory limit (needed above 48 KB) and returns its blocks per SM (0 if the
+// launch cannot fit).
 template <class K>
 inline int prepare(K kernel, int threads, size_t smem) {
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  struct Key {
+    const void *kernel;
+    int threads, dev;
+    size_t smem;
+    bool operator==(const Key &o) const {
+      return kernel == o.kernel && threads == o.threads && dev == o.dev && smem == o.smem;
+    }
+  };
+  struct Hash {
+    size_t operator()(const Key &k) const {
+      return std::hash<const void *>()(k.kernel) ^ (k.smem * 0x9e3779b97f4a7c15ull) ^ ((size_t)k.threads << 40) ^
+             ((size_t)k.dev << 56);
+    }
+  };
+  static std::mutex mu;
+  static std::unordered_map<Key, int, Hash> blocks_of;
+  const Key key{reinterpret_cast<const void *>(kernel), threads, current_device(), smem};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = blocks_of.find(key);
+    if (it != blocks_of.end()) return it->second;
+  }
+  // The limit goes straight to the device's opt-in maximum, so a cached entry never meets a limit that a later
+  // call with less shared memory lowered; occupancy still counts each launch's own size.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, xmax<int>(smem_optin(), (int)smem));
   int blocks = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem);
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) return 0;
+  std::lock_guard<std::mutex> lock(mu);
+  blocks_of[key] = blocks;
   return blocks;
 }
 
 // Scratch memory, stream-ordered (cudaMallocAsync / cudaFreeAsync), so the C API keeps the same signature on
 // every device and the launcher stays usable under CUDA graph capture. The device's default pool is allowed
-// to keep up to 256 MB between calls, so a training loop does not map and unmap its scratch every step.
+// to keep up to 256 MB between calls (set once per device), so a training loop does not map and unmap its
+// scratch every step.
 inline cudaError_t scratch_alloc(void **p, size_t bytes, cudaStream_t s) {
-  int dev = 0;
-  cudaGetDevice(&dev);
-  cudaMemPool_t pool;
-  if (cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
-    uint64_t keep = 0;
-    cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
-    if (keep < (uint64_t(256) << 20)) {
-      keep = uint64_t(256) << 20;
-      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+  static std::atomic<bool> pool_set[kMaxDevices];
+  const int dev = current_device();
+  if (dev >= kMaxDevices || !pool_set[dev].load(std::memory_order_relaxed)) {
+    cudaMemPool_t pool;
+    if (cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
+      uint64_t keep = 0;
+      cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      if (keep < (uint64_t(256) << 20)) {
+        keep = uint64_t(256) << 20;
+        cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      }
     }
+    if (dev < kMaxDevices) pool_set[dev].store(true, std::memory_order_relaxed);
   }
   return cudaMallocAsync(p, bytes, s);
+}
+
+// Several scratch buffers carved from one allocation (*block, freed with cudaFreeAsync; nullptr on failure),
+// each 256-byte aligned: one cudaMallocAsync per call instead of one per buffer. A part of 0 bytes is nullptr.
+inline cudaError_t scratch_parts(void **block, std::initializer_list<std::pair<void **, size_t>> parts,
+                                 cudaStream_t s) {
+  size_t total = 0;
+  for (const auto &p : parts) total += (p.second + 255) / 256 * 256;
+  *block = nullptr;
+  const cudaError_t e = scratch_alloc(block, total, s);
+  if (e != cudaSuccess) return e;
+  size_t off = 0;
+  for (const auto &p : parts) {
+    *p.first = p.second ? static_cast<unsigned char *>(*block) + off : nullptr;
+    off += (p.second + 255) / 256 * 256;
+  }
+  return cudaSuccess;
 }
 
 inline int last_error() { return (int)cudaGetLastError(); }
@@ -186,6 +280,12 @@ struct FwdFilter {
 bool filter_applies(xmc_gsffi_shape s, const void *weight);
 int forward_filter(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                    const void *bias, FwdFilter flt, cudaStream_t st);
+// The forward's chunk-maximum mode (the fused top-k's sample; tensor-core shapes, filter_applies): for each row b
+// and work item i < forward_chunks(s) (a slice of at most 32 labels of one group), the largest of the item's
+// logits as stored in the dtype, as an order-preserving key (rank_key; NaN the largest), at keys[b * M + i].
+int64_t forward_chunks(xmc_gsffi_shape s);
+int forward_chunk_max(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
+                      const void *bias, uint16_t *keys, cudaStream_t st);
 // The bf16 / fp16 forward (tensor-core shapes, filter_applies) that returns at once unless *run_if != 0.
 int forward_gated(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                   const void *bias, void *y, const int *run_if, cudaStream_t st);
