@@ -279,18 +279,21 @@ __device__ __forceinline__ void merge_row(int64_t b, int64_t B, int64_t k, int64
         key[e] = vkey << 48 | ((1ull << 48) - 1 - (uint64_t)hi[b * m + e]);
       }
       __syncthreads();
+      const int n32 = (int)cnt;
       int P = 1;
-      while (P < 32 && 2 * P * cnt <= (int64_t)blockDim.x) P *= 2;
+      while (P < 32 && 2 * P * n32 <= (int)blockDim.x) P *= 2;
       const int e = threadIdx.x / P, p = threadIdx.x % P;
-      const uint64_t mine = e < cnt ? key[e] : 0;
-      int r0 = 0, r1 = 0;
+      const uint64_t mine = e < n32 ? key[e] : 0;
+      int r0 = 0, r1 = 0, r2 = 0, r3 = 0;  // independent counts
       int j = p;
-      for (; j + P < cnt; j += 2 * P) {  // two independent counts
+      for (; j + 3 * P < n32; j += 4 * P) {
         r0 += key[j] > mine;
         r1 += key[j + P] > mine;
+        r2 += key[j + 2 * P] > mine;
+        r3 += key[j + 3 * P] > mine;
       }
-      if (j < cnt) r0 += key[j] > mine;
-      int r = r0 + r1;
+      for (; j < n32; j += P) r0 += key[j] > mine;
+      int r = r0 + r1 + r2 + r3;
       for (int o = 1; o < P; o *= 2) r += __shfl_xor_sync(0xffffffffu, r, o);
       if (e < cnt && p == 0 && r < k) {  // (a list of fewer than k entries leaves places unwritten: flagged)
         put(scores + b * k + r, hs[b * m + e]);
