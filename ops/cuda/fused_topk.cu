@@ -253,14 +253,45 @@ __global__ void scan_chunk(const T *z, int64_t B, int64_t nl, int64_t c0, int64_
     scan_heap<T>(z, B, nl, c0, S, k, vec, hs_g, hi_g, hn, smem, wid, lane, wib);
 }
 
+// The want-th largest (1 <= want <= n) of n 16-bit keys get(0 .. n - 1): the high byte, then the low byte within
+// it, each by a 256-bin histogram. Every thread of the block calls it and gets the answer.
+template <class Get>
+__device__ uint32_t block_kth_key(Get get, int64_t n, uint32_t want) {
+  __shared__ unsigned hist[256];
+  __shared__ uint32_t pick[2];  // the byte, then the rank still to find within it
+  uint32_t hi = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int e = threadIdx.x; e < 256; e += blockDim.x) hist[e] = 0;
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+      const uint32_t key = get(e);
+      if (pass == 0) atomicAdd(&hist[key >> 8], 1u);
+      else if ((key >> 8) == hi) atomicAdd(&hist[key & 0xff], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the bin, from the top, in which the count reaches `want`
+      uint32_t above = 0;
+      int bin = 255;
+      for (; bin > 0 && above + hist[bin] < want; --bin) above += hist[bin];
+      pick[0] = (uint32_t)bin;
+      pick[1] = want - above;
+    }
+    __syncthreads();
+    if (pass == 0) hi = pick[0];
+    want = pick[1];
+    __syncthreads();
+  }
+  return hi << 8 | pick[0];
+}
+
 constexpr int kMergeCap = 8192;  // entries one merge_sorted block sorts in shared memory (96 KB)
 
 // One block per row: the S lists' entries (list [c, b] holds hn[c B + b] <= m entries at [(c B + b) m], S m <= n,
 // n a power of two <= kMergeCap; a single list only up to its count) sorted best first in shared memory
 // (bitonic; the free places hold -inf with an id above every label, which ranks below every entry), and the
-// first k written out. A single list that fits the block is ranked instead: threads count the entries above
-// each entry (~230 for the top 5 of 3M labels: one pass instead of ~36 sorting stages). merge_kernel does the
-// same with one thread per row, S m heap offers each.
+// first k written out. A single list (the filter's) is not sorted: only its entries whose value reaches the
+// list's k-th best value can place, and those few rank themselves (see below). merge_kernel does the same with
+// one thread per row, S m heap offers each.
 template <class T>
 __device__ __forceinline__ void merge_row(int64_t b, int64_t B, int64_t k, int64_t m, int64_t S, int n,
                                           const float *hs, const int64_t *hi, const int64_t *hn, T *scores,
@@ -269,38 +300,39 @@ __device__ __forceinline__ void merge_row(int64_t b, int64_t B, int64_t k, int64
   float *sv = reinterpret_cast<float *>(si + n);
   if (S == 1) {  // one list (the filter's)
     const int64_t cnt = xmin<int64_t>(hn[b], m);
-    if (cnt <= blockDim.x) {
-      // An entry's place is the number of entries that rank above it (a total order). The ranking as one 64-bit
-      // key per entry: the value's 16-bit key over the complement of its label id in 48 bits (any L whose
-      // weights fit in memory), and P = blockDim / cnt threads (a power of two <= 32) count each entry's share.
-      uint64_t *key = reinterpret_cast<uint64_t *>(smem);
-      for (int e = threadIdx.x; e < cnt; e += blockDim.x) {
-        const uint64_t vkey = rank_key<T>(bits16(T(), hs[b * m + e]));
-        key[e] = vkey << 48 | ((1ull << 48) - 1 - (uint64_t)hi[b * m + e]);
-      }
-      __syncthreads();
-      const int n32 = (int)cnt;
-      int P = 1;
-      while (P < 32 && 2 * P * n32 <= (int)blockDim.x) P *= 2;
-      const int e = threadIdx.x / P, p = threadIdx.x % P;
-      const uint64_t mine = e < n32 ? key[e] : 0;
-      int r0 = 0, r1 = 0, r2 = 0, r3 = 0;  // independent counts
-      int j = p;
-      for (; j + 3 * P < n32; j += 4 * P) {
-        r0 += key[j] > mine;
-        r1 += key[j + P] > mine;
-        r2 += key[j + 2 * P] > mine;
-        r3 += key[j + 3 * P] > mine;
-      }
-      for (; j < n32; j += P) r0 += key[j] > mine;
-      int r = r0 + r1 + r2 + r3;
-      for (int o = 1; o < P; o *= 2) r += __shfl_xor_sync(0xffffffffu, r, o);
-      if (e < cnt && p == 0 && r < k) {  // (a list of fewer than k entries leaves places unwritten: flagged)
-        put(scores + b * k + r, hs[b * m + e]);
-        ids[b * k + r] = hi[b * m + e];
+    // Only entries whose value is at least the list's k-th best value can place: a radix select finds that
+    // value, and the ~k candidates (more where values tie) each count the candidates above them; an entry's
+    // place is that count, the ranking being a total order, as one 64-bit key per entry (the value's 16-bit key
+    // over the complement of the label id in 48 bits: any L whose weights fit in memory).
+    uint64_t *key = reinterpret_cast<uint64_t *>(smem);        // cnt keys, then cnt candidate positions:
+    int *cand = reinterpret_cast<int *>(key + cnt);            // 12 cnt <= 12 n bytes
+    __shared__ int n_cand;
+    for (int64_t e = threadIdx.x; e < cnt; e += blockDim.x) {
+      const uint64_t vkey = rank_key<T>(bits16(T(), hs[b * m + e]));
+      key[e] = vkey << 48 | ((1ull << 48) - 1 - (uint64_t)hi[b * m + e]);
+    }
+    if (threadIdx.x == 0) n_cand = 0;
+    __syncthreads();
+    if (cnt == 0) return;  // (a list of fewer than k entries leaves places unwritten: lists_undecided flags it)
+    const uint64_t vk = block_kth_key([&](int64_t e) { return (uint32_t)(key[e] >> 48); }, cnt,
+                                      (uint32_t)xmin<int64_t>(k, cnt));
+    for (int64_t e = threadIdx.x; e < cnt; e += blockDim.x)
+      if ((key[e] >> 48) >= vk) cand[atomicAdd(&n_cand, 1)] = (int)e;
+    __syncthreads();
+    const int nc = n_cand;
+    if (nc <= 2048) {  // else (values tied across thousands of entries) the sort below
+      for (int c = threadIdx.x; c < nc; c += blockDim.x) {
+        const uint64_t mine = key[cand[c]];
+        int r = 0;
+        for (int j = 0; j < nc; ++j) r += key[cand[j]] > mine;
+        if (r < k) {
+          put(scores + b * k + r, hs[b * m + cand[c]]);
+          ids[b * k + r] = hi[b * m + cand[c]];
+        }
       }
       return;
     }
+    __syncthreads();
     // else sort only the power of two that holds its entries and k
     while (n / 2 >= xmax<int64_t>(cnt, k) && n > 2) n /= 2;
   }
@@ -316,7 +348,9 @@ __device__ __forceinline__ void merge_row(int64_t b, int64_t B, int64_t k, int64
       for (int i = threadIdx.x; i < n / 2; i += blockDim.x) {
         const int lo = 2 * i - (i & (stride - 1)), hi_ = lo + stride;
         const bool best_first = (lo & size) == 0;
-        if (best_first ? ranks_above(sv[hi_], si[hi_], sv[lo], si[lo]) : ranks_above(sv[lo], si[lo], sv[hi_], si[hi_])) {
+        const bool swap = best_first ? ranks_above(sv[hi_], si[hi_], sv[lo], si[lo])
+                                     : ranks_above(sv[lo], si[lo], sv[hi_], si[hi_]);
+        if (swap) {
           const float v = sv[lo];
           sv[lo] = sv[hi_];
           sv[hi_] = v;
@@ -410,6 +444,10 @@ bool coop_launch(xmc_gsffi_shape s, int BT, const void *x, const void *w, const 
   if (!device_attr<cudaDevAttrCooperativeLaunch>()) return false;
   auto kernel = exact_topk_coop<T, NW, KC>;
   const int per_sm = prepare(kernel, kFwdThreads, smem);
+  if (per_sm == 0) {  // does not fit (static shared memory included): leave no error behind
+    cudaGetLastError();
+    return false;
+  }
   FwdArgs<T> a = fwd_args<T>({s.batch, s.in_features, nl, s.fan_in, s.group_size}, NW, BT, x, w, indices, bias,
                              buf);
   a.L = s.out_features;
@@ -532,36 +570,12 @@ constexpr int64_t kFilterSample = 65536;  // sample labels at least, and 2048 pe
 // One block per row: tau[b] = the k-th best of the row's M chunk maxima (keys [B, M] from forward_chunk_max),
 // a lower bound of the k-th best logit of the sample: the k best chunks hold k logits not below it. It is the
 // sample's k-th best unless two of the sample's best k share a chunk, ~k^2 / (2 M) ranks lower on average, which
-// launch_filtered's list size allows for. A radix select: the keys' high byte, then the low byte within it, each
-// by a 256-bin histogram.
+// launch_filtered's list size allows for (block_kth_key; M >= k).
 template <class T>
 __global__ void sample_kth(const uint16_t *keys, int64_t M, int64_t k, float *tau) {
-  __shared__ unsigned hist[256];
-  __shared__ uint32_t pick[2];  // the high byte, then the rank still to find within it
   const uint16_t *kr = keys + blockIdx.x * M;
-  uint32_t hi = 0, want = (uint32_t)k;
-  for (int pass = 0; pass < 2; ++pass) {
-    for (int e = threadIdx.x; e < 256; e += blockDim.x) hist[e] = 0;
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
-      const uint32_t key = __ldg(kr + e);
-      if (pass == 0) atomicAdd(&hist[key >> 8], 1u);
-      else if ((key >> 8) == hi) atomicAdd(&hist[key & 0xff], 1u);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {  // the bin, from the top, in which the count reaches `want`
-      uint32_t above = 0;
-      int bin = 255;
-      for (; bin > 0 && above + hist[bin] < want; --bin) above += hist[bin];
-      pick[0] = (uint32_t)bin;
-      pick[1] = want - above;
-    }
-    __syncthreads();
-    if (pass == 0) hi = pick[0];
-    want = pick[1];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) tau[blockIdx.x] = key_value<T>(hi << 8 | pick[0]);
+  const uint32_t key = block_kth_key([&](int64_t e) { return (uint32_t)__ldg(kr + e); }, M, (uint32_t)k);
+  if (threadIdx.x == 0) tau[blockIdx.x] = key_value<T>(key);
 }
 
 __global__ void lists_undecided(const unsigned long long *count, int64_t B, int64_t k, int64_t cap, int *flag) {

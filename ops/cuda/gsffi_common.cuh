@@ -208,9 +208,13 @@ inline int prepare(K kernel, int threads, size_t smem) {
     auto it = blocks_of.find(key);
     if (it != blocks_of.end()) return it->second;
   }
-  // The limit goes straight to the device's opt-in maximum, so a cached entry never meets a limit that a later
-  // call with less shared memory lowered; occupancy still counts each launch's own size.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, xmax<int>(smem_optin(), (int)smem));
+  // The limit goes straight to the device's opt-in maximum (less the kernel's static shared memory), so a cached
+  // entry never meets a limit that a later call with less shared memory lowered; occupancy still counts each
+  // launch's own size.
+  cudaFuncAttributes fa;
+  const int stat = cudaFuncGetAttributes(&fa, kernel) == cudaSuccess ? (int)fa.sharedSizeBytes : 0;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       xmax<int>(smem_optin() - stat, (int)smem));
   int blocks = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) return 0;
   std::lock_guard<std::mutex> lock(mu);
