@@ -404,16 +404,19 @@ def test_16_bit_topk_over_label_chunks(dtype, device, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["random", "rising", "ties", "row chunks"])
-def test_16_bit_topk_filtered(dtype, case, device, monkeypatch):
+@pytest.mark.parametrize("shape", [(37, 64, 500001, 16, 24), (6, 768, 140001, 64, 32)], ids=["partial", "full"])
+def test_16_bit_topk_filtered(dtype, case, shape, device, monkeypatch):
     """CUDA's 16-bit top-k over many labels takes a threshold per row from the first 65536 (2048 k) labels and
     keeps only the logits at or above it: exactly the stable top-k of the forward kernel's logits. Rising logits
-    (the sample's threshold is low, lists overflow) and logits that all tie take the exact pass, gated on the
-    device; with 1 MB of scratch per step the rows go in chunks of 7 (k = 5) and 2 (k = 100)."""
+    (the sample's threshold is low, lists overflow) and logits that all tie take the exact pass (one cooperative
+    kernel, gated on the device); with 1 MB of scratch per step the rows go in chunks. "partial": every work
+    item short of labels (G = 24) and F = 16, the kernels' element-wise loads; "full": whole items and F = 64,
+    their one-base loads."""
     if device == "cpu":
         pytest.skip("the filtered 16-bit top-k is CUDA's")
     if case == "row chunks":
         monkeypatch.setenv("XMC_FUSED_CHUNK_MB", "1")
-    B, H, L, F, G = 37, 64, 500001, 16, 24
+    B, H, L, F, G = shape
     x, w, idx, b = make(B, H, L, F, G, device, dtype)
     if case == "rising":  # later labels score higher
         b = torch.linspace(-4, 4, L, device=device).to(dtype)
