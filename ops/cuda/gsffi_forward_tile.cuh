@@ -95,6 +95,21 @@ __device__ __forceinline__ void load_item(const T *__restrict__ w, const int32_t
     }
 }
 
+// The largest of the thread's NW / 4 logits (accumulators plus biases) of row half hh, NaN if any is: a pairwise
+// tree, not a chain of NW / 4 dependent maxima.
+template <int NW>
+__device__ __forceinline__ float row_max(const float (&acc)[NW / 8][4], const float (&bia)[NW / 8][2], int hh) {
+  float part[NW / 8];
+#pragma unroll
+  for (int nt = 0; nt < NW / 8; ++nt)
+    part[nt] = max_nan(acc[nt][2 * hh] + bia[nt][0], acc[nt][2 * hh + 1] + bia[nt][1]);
+#pragma unroll
+  for (int w = 1; w < NW / 8; w *= 2)
+#pragma unroll
+    for (int nt = 0; nt + w < NW / 8; nt += 2 * w) part[nt] = max_nan(part[nt], part[nt + w]);
+  return part[0];
+}
+
 // What a tensor-core forward launch produces: the logits; the filter's candidate lists; each work item's row
 // maxima as keys.
 enum FwdOut { kLogits, kFilter, kChunkMax };
@@ -249,15 +264,8 @@ __device__ __forceinline__ void fwd_mma_tile(const FwdArgs<T> &a, int block, int
       if constexpr (MODE == kChunkMax) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          float part[NW / 8];  // the row's largest logit of the item (NaN wins), as in the filter below
-#pragma unroll
-          for (int nt = 0; nt < NW / 8; ++nt)
-            part[nt] = max_nan(acc[nt][2 * hh] + bia[nt][0], acc[nt][2 * hh + 1] + bia[nt][1]);
-#pragma unroll
-          for (int w = 1; w < NW / 8; w *= 2)
-#pragma unroll
-            for (int nt = 0; nt + w < NW / 8; nt += 2 * w) part[nt] = max_nan(part[nt], part[nt + w]);
-          float top = max_nan(part[0], __shfl_xor_sync(0xffffffffu, part[0], 1));
+          const float mine = row_max<NW>(acc, bia, hh);  // then the item's, over the row's 4 lanes
+          float top = max_nan(mine, __shfl_xor_sync(0xffffffffu, mine, 1));
           top = max_nan(top, __shfl_xor_sync(0xffffffffu, top, 2));
           const int row = mt * 16 + 8 * hh + r4;
           if (q == 0 && row < rows)
@@ -266,17 +274,9 @@ __device__ __forceinline__ void fwd_mma_tile(const FwdArgs<T> &a, int block, int
       } else if constexpr (MODE == kFilter) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          // First the largest of the thread's NW / 4 logits of this row (NaN wins), against the lowered threshold.
-          float part[NW / 8];  // a pairwise tree, not a chain of NW / 4 dependent maxima
-#pragma unroll
-          for (int nt = 0; nt < NW / 8; ++nt)
-            part[nt] = max_nan(acc[nt][2 * hh] + bia[nt][0], acc[nt][2 * hh + 1] + bia[nt][1]);
-#pragma unroll
-          for (int w = 1; w < NW / 8; w *= 2)
-#pragma unroll
-            for (int nt = 0; nt + w < NW / 8; nt += 2 * w) part[nt] = max_nan(part[nt], part[nt + w]);
+          // First the largest of the thread's logits of this row against the lowered threshold.
           const int row = mt * 16 + 8 * hh + r4;
-          if (part[0] < taus[hh].x || row >= rows) continue;
+          if (row_max<NW>(acc, bia, hh) < taus[hh].x || row >= rows) continue;
           const float tau = taus[hh].y;
 #pragma unroll
           for (int nt = 0; nt < NW / 8; ++nt)
