@@ -10,7 +10,10 @@
 //
 // Filter mode (forward_filter, for the fused top-k): no output; each logit, rounded to the dtype, that is not
 // below its row's threshold is appended to the row's candidate list (an atomic count per row, so the order of a
-// list is not fixed, only its set). Gated mode (forward_gated): the kernel returns at once unless *run_if.
+// list is not fixed, only its set). Chunk-maximum mode (forward_chunk_max, the top-k's sample): per row, each
+// work item's largest logit as a 16-bit key. Gated mode (forward_gated): the kernel returns at once unless
+// *run_if. The per-block work (fwd_mma_tile) is in gsffi_forward_tile.cuh, shared with the top-k's cooperative
+// exact pass; this file holds the kernel and its launchers.
 #include "gsffi_forward_tile.cuh"
 
 namespace xmc_cuda {
