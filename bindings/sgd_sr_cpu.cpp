@@ -1,19 +1,10 @@
 // CPU registration of sgd_sr_: the C kernel in ops/cpu/sgd_sr.c on torch's intra-op thread count.
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <optional>
-
-#include "xmc.h"
+#include "sgd_sr.h"
 
 namespace torch_xmc {
-
-using SgdSrKernel = int (*)(int64_t, xmc_dtype, void *, void *, const void *, xmc_sgd_sr_args, xmc_exec);
-void sgd_sr_run(const at::Tensor &param, const std::optional<at::Tensor> &momentum_buf, const at::Tensor &grad,
-                double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool first_step,
-                int64_t key, SgdSrKernel kernel, xmc_exec ex);  // bindings/sgd_sr.cpp
-
 namespace {
 
 void sgd_sr_cpu(const at::Tensor &param, const std::optional<at::Tensor> &momentum_buf, const at::Tensor &grad,

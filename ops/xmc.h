@@ -90,23 +90,29 @@ int xmc_gsffi_grad_weight_bias_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void 
 /* Text for a nonzero code returned by a CUDA launcher. */
 const char *xmc_cuda_error_string(int code);
 
-/* ---- SGD with momentum and stochastic rounding (ops/cpu/sgd_sr.c) ------------------------------------------
+/* ---- SGD with momentum and stochastic rounding (ops/cpu/sgd_sr.c, ops/cuda/sgd_sr.cu) ------------------------
  * In place over n elements of param, momentum_buf (NULL, or ignored when momentum = 0) and grad, all of dtype dt:
  *   d = grad + weight_decay * param
  *   m = first_step ? d : momentum * m + (1 - dampening) * d;   d = nesterov ? d + momentum * m : m
  *   param -= lr * d
  * computed in float32. float32 stores the results as they are; bfloat16 rounds param and m stochastically
- * (unbiased), with the bits of element i a hash of (key, i): the low 16 for param, the high 16 for m. So the
- * result depends on key and the data only, never on num_threads. */
+ * (unbiased), with the bits of element i a hash of (key, offset + i): the low 16 for param, the high 16 for m.
+ * So the result depends on key and the data only, never on num_threads, the device, or how the tensor is cut:
+ * updating elements [c, c + n) with offset c gives what updating the whole tensor gives there. The element
+ * arithmetic is in ops/sgd_sr_update.h. */
 typedef struct {
   float lr, momentum, dampening, weight_decay;
   int nesterov;
   int first_step; /* momentum_buf holds nothing yet: m = d */
   uint32_t key;   /* per (seed, parameter, step); see torch_xmc/optim.py */
+  int64_t offset; /* index of element 0 in the whole parameter: 0 unless updating a chunk */
 } xmc_sgd_sr_args;
 
 int xmc_sgd_sr_cpu(int64_t n, xmc_dtype dt, void *param, void *momentum_buf, const void *grad, xmc_sgd_sr_args a,
                    xmc_exec ex);
+/* CUDA: asynchronous on ex.stream; all pointers on the device. */
+int xmc_sgd_sr_cuda(int64_t n, xmc_dtype dt, void *param, void *momentum_buf, const void *grad, xmc_sgd_sr_args a,
+                    xmc_exec ex);
 
 /* ---- Fused loss and fused top-k over a GSFFI layer (ops/cpu/gsffi_fused.c): no B x L buffer anywhere ----
  *

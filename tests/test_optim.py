@@ -14,12 +14,19 @@ OP = torch.ops.torch_xmc.sgd_sr_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("momentum,dampening,wd,nesterov", [(0.0, 0.0, 0.0, False), (0.9, 0.0, 0.01, False),
                                                             (0.9, 0.1, 0.0, False), (0.8, 0.0, 0.0, True)])
-def test_kernel_matches_reference_bitwise(dtype, momentum, dampening, wd, nesterov):
-    p = torch.randn(3, 1237).to(dtype)
-    buf = torch.zeros_like(p) if momentum else None
+@pytest.mark.parametrize("aligned", [True, False])
+def test_kernel_matches_reference_bitwise(dtype, momentum, dampening, wd, nesterov, aligned, device):
+    """The device's kernel against the torch-ops reference; unaligned: views starting one element into their
+    storage (CUDA's 16-byte vector path cannot take them), n not a multiple of the vector width either."""
+    def fresh():
+        t = torch.randn(3 * 1237 + 1, device=device).to(dtype)
+        return (t[:-1] if aligned else t[1:]).view(3, 1237)
+
+    p = fresh()
+    buf = fresh().zero_() if momentum else None
     p_ref, buf_ref = p.clone(), (buf.clone() if buf is not None else None)
     for step in range(4):
-        g = torch.randn_like(p)
+        g = fresh()
         args = (g, 0.05, momentum, dampening, wd, nesterov, step == 0, optim.sr_key(7, 1, step))
         OP(p, buf, *args)
         sgd_sr_reference(p_ref, buf_ref, *args)
