@@ -2,6 +2,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -58,49 +59,127 @@ void check_targets(const char *op, const at::Tensor &indptr, const at::Tensor &l
 
 }  // namespace
 
+namespace {
+
+// What both fused-loss ops check and prepare: the layer's shape, the parsed loss and scale, the targets on x's
+// device, contiguous operands.
+struct LossCall {
+  xmc_gsffi_shape s;
+  xmc_loss kind;
+  double scale;
+  at::Tensor ptr, lab, idx, x, w, b;
+};
+
+LossCall prepare_loss(const char *op, const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,
+                      const std::optional<at::Tensor> &bias, int64_t group_size, const at::Tensor &indptr,
+                      const at::Tensor &labels, std::string_view loss, std::string_view reduction,
+                      const FusedKernels &k) {
+  LossCall c;
+  c.s = check_args(op, x, weight, indices, group_size, *k.layer);
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [batch, in_features], one row per target row, got shape ",
+              x.sizes());
+  check_bias(op, bias, x, c.s.out_features);
+  c.kind = parse_loss(op, loss);
+  c.s.batch = x.size(0);
+  c.scale = reduction_scale(op, reduction, c.s.batch, c.s.out_features);
+  TORCH_CHECK(indptr.device() == labels.device() && (indptr.device().is_cpu() || indptr.device() == x.device()), op,
+              ": indptr and labels must be on the CPU or on ", x.device(), " like x, got ", indptr.device(), " and ",
+              labels.device());
+  // the targets are checked on the host (on a GPU that is a copy and a sync) and read by the kernel on x's device
+  check_targets(op, indptr.cpu().contiguous(), labels.cpu().contiguous(), c.s.batch, c.s.out_features);
+  c.ptr = indptr.to(x.device()).contiguous();
+  c.lab = labels.to(x.device()).contiguous();
+  c.idx = indices.contiguous();
+  if (k.layer->check_index_range) check_index_range(op, c.idx, c.s.in_features);
+  c.x = x.contiguous();
+  c.w = weight.contiguous();
+  if (bias.has_value()) c.b = bias->contiguous();
+  return c;
+}
+
+// Runs the device's fused loss; returns the loss (double, on x's device).
+at::Tensor run_loss(const char *op, const LossCall &c, const at::Tensor &gx, const at::Tensor &gw,
+                    const at::Tensor &gb, const xmc_weight_update *update, const FusedKernels &k) {
+  auto out = at::empty({}, c.x.options().dtype(at::kDouble));
+  check_rc(op,
+           k.loss(c.s, to_xmc(c.x.scalar_type()), c.x.const_data_ptr(), c.w.const_data_ptr(),
+                  c.idx.const_data_ptr<int32_t>(), c.b.defined() ? c.b.const_data_ptr() : nullptr,
+                  c.ptr.const_data_ptr<int64_t>(), c.lab.const_data_ptr<int64_t>(), c.kind, c.scale,
+                  out.mutable_data_ptr<double>(), gx.defined() ? gx.mutable_data_ptr() : nullptr,
+                  gw.defined() ? gw.mutable_data_ptr() : nullptr, gb.defined() ? gb.mutable_data_ptr() : nullptr,
+                  update, k.layer->exec(c.x)),
+           *k.layer);
+  return out;
+}
+
+// The loss over no rows: the sum is 0 and the means are 0 / 0, as in torch.
+at::Tensor empty_batch_loss(const at::Tensor &x, std::string_view reduction) {
+  return at::full({}, reduction == "sum" ? 0.0 : std::numeric_limits<double>::quiet_NaN(), x.options());
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gsffi_fused_loss(
     const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices, const std::optional<at::Tensor> &bias,
     int64_t group_size, const at::Tensor &indptr, const at::Tensor &labels, std::array<bool, 3> output_mask,
     std::string_view loss, std::string_view reduction, const FusedKernels &k) {
   const char *op = "torch_xmc::gsffi_fused_loss";
-  xmc_gsffi_shape s = check_args(op, x, weight, indices, group_size, *k.layer);
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [batch, in_features], one row per target row, got shape ",
-              x.sizes());
-  check_bias(op, bias, x, s.out_features);
-  const xmc_loss kind = parse_loss(op, loss);
-  s.batch = x.size(0);
-  const double scale = reduction_scale(op, reduction, s.batch, s.out_features);
-  TORCH_CHECK(indptr.device() == labels.device() && (indptr.device().is_cpu() || indptr.device() == x.device()), op,
-              ": indptr and labels must be on the CPU or on ", x.device(), " like x, got ", indptr.device(), " and ",
-              labels.device());
-  // the targets are checked on the host (on a GPU that is a copy and a sync) and read by the kernel on x's device
-  check_targets(op, indptr.cpu().contiguous(), labels.cpu().contiguous(), s.batch, s.out_features);
-  auto ptr = indptr.to(x.device()).contiguous(), lab = labels.to(x.device()).contiguous();
-  auto idx = indices.contiguous();
-  if (k.layer->check_index_range) check_index_range(op, idx, s.in_features);
-
+  const LossCall c = prepare_loss(op, x, weight, indices, bias, group_size, indptr, labels, loss, reduction, k);
   at::Tensor gx, gw, gb;
-  if (output_mask[0]) gx = at::empty({s.batch, s.in_features}, x.options());
-  if (output_mask[1]) gw = at::empty({s.out_features, s.fan_in}, weight.options());
-  if (output_mask[2] && bias.has_value()) gb = at::empty({s.out_features}, x.options());
-  if (s.batch == 0) {
-    // no terms: the sum is 0 and the means are 0 / 0, as in torch
-    const double empty = reduction == "sum" ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+  if (output_mask[0]) gx = at::empty({c.s.batch, c.s.in_features}, x.options());
+  if (output_mask[1]) gw = at::empty({c.s.out_features, c.s.fan_in}, weight.options());
+  if (output_mask[2] && bias.has_value()) gb = at::empty({c.s.out_features}, x.options());
+  if (c.s.batch == 0) {
     if (gw.defined()) gw.zero_();
     if (gb.defined()) gb.zero_();
-    return {at::full({}, empty, x.options()), gx, gw, gb};
+    return {empty_batch_loss(x, reduction), gx, gw, gb};
   }
-  auto out = at::empty({}, x.options().dtype(at::kDouble));
-  auto x2 = x.contiguous(), w = weight.contiguous();
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  check_rc(op,
-           k.loss(s, to_xmc(x.scalar_type()), x2.const_data_ptr(), w.const_data_ptr(), idx.const_data_ptr<int32_t>(),
-                  b.defined() ? b.const_data_ptr() : nullptr, ptr.const_data_ptr<int64_t>(),
-                  lab.const_data_ptr<int64_t>(), kind, scale, out.mutable_data_ptr<double>(),
-                  gx.defined() ? gx.mutable_data_ptr() : nullptr, gw.defined() ? gw.mutable_data_ptr() : nullptr,
-                  gb.defined() ? gb.mutable_data_ptr() : nullptr, k.layer->exec(x)),
-           *k.layer);
-  return {out.to(x.scalar_type()), gx, gw, gb};
+  return {run_loss(op, c, gx, gw, gb, nullptr, k).to(x.scalar_type()), gx, gw, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor> gsffi_fused_loss_sgd_(
+    const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices, const std::optional<at::Tensor> &bias,
+    int64_t group_size, const at::Tensor &indptr, const at::Tensor &labels,
+    const std::optional<at::Tensor> &weight_momentum, const std::optional<at::Tensor> &bias_momentum, double lr,
+    double momentum, double dampening, double weight_decay, bool nesterov, bool first_step, int64_t weight_key,
+    int64_t bias_key, bool input_grad, std::string_view loss, std::string_view reduction, const FusedKernels &k) {
+  const char *op = "torch_xmc::gsffi_fused_loss_sgd_";
+  const LossCall c = prepare_loss(op, x, weight, indices, bias, group_size, indptr, labels, loss, reduction, k);
+  const auto dt = weight.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, op, ": weight must be float32 or bfloat16 (SGD-SR), got ",
+              dt);
+  // updated in place through raw pointers: the parameters and their momentum must be the tensors themselves
+  check_like_param(op, "weight", weight, weight);
+  if (bias.has_value()) check_like_param(op, "bias", *bias, *bias);
+  TORCH_CHECK(momentum == 0.0 || (weight_momentum.has_value() && (!bias.has_value() || bias_momentum.has_value())),
+              op, ": momentum = ", momentum, " needs weight_momentum and (with a bias) bias_momentum, got None");
+  if (weight_momentum.has_value()) check_like_param(op, "weight_momentum", *weight_momentum, weight);
+  if (bias.has_value() && bias_momentum.has_value()) check_like_param(op, "bias_momentum", *bias_momentum, *bias);
+  const xmc_sgd_sr_args wa = sgd_sr_args(op, lr, momentum, dampening, weight_decay, nesterov, first_step, weight_key);
+  const xmc_sgd_sr_args ba = sgd_sr_args(op, lr, momentum, dampening, weight_decay, nesterov, first_step, bias_key);
+
+  at::Tensor gx, gb;
+  if (input_grad) gx = at::empty({c.s.batch, c.s.in_features}, x.options());
+  if (bias.has_value()) gb = at::empty({c.s.out_features}, x.options());
+  at::Tensor out;
+  if (c.s.batch == 0) {  // no terms, zero gradients: the update is still a step (weight decay, momentum)
+    auto zeros = at::zeros_like(weight);
+    sgd_sr_run(weight, weight_momentum, zeros, lr, momentum, dampening, weight_decay, nesterov, first_step,
+               weight_key, k.sgd, k.layer->exec(x));
+    if (gb.defined()) gb.zero_();
+    out = empty_batch_loss(x, reduction);
+  } else {
+    xmc_weight_update update{weight.mutable_data_ptr(),
+                             weight_momentum.has_value() ? weight_momentum->mutable_data_ptr() : nullptr, wa};
+    out = run_loss(op, c, gx, at::Tensor(), gb, &update, k).to(x.scalar_type());
+  }
+  if (bias.has_value()) {
+    const int rc = k.sgd(c.s.out_features, to_xmc(dt), bias->mutable_data_ptr(),
+                         bias_momentum.has_value() ? bias_momentum->mutable_data_ptr() : nullptr, gb.const_data_ptr(),
+                         ba, k.layer->exec(x));
+    check_rc(op, rc, *k.layer);
+  }
+  return {out, gx};
 }
 
 std::tuple<at::Tensor, at::Tensor> gsffi_topk(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &indices,

@@ -17,6 +17,14 @@ TORCH_LIBRARY(torch_xmc, m) {
       "gsffi_fused_loss(Tensor x, Tensor weight, Tensor indices, Tensor? bias, int group_size, Tensor indptr, "
       "Tensor labels, bool[3] output_mask, str loss=\"bce\", str reduction=\"batchmean\") "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // gsffi_fused_loss whose weight and bias gradients are not returned but applied in place as an SGD-SR step
+  // (the arguments of sgd_sr_, one key per parameter), the weight's chunk by chunk: no weight-sized gradient.
+  // Returns the loss and, if input_grad, the gradient of x (else None).
+  m.def(
+      "gsffi_fused_loss_sgd_(Tensor x, Tensor(a!) weight, Tensor indices, Tensor(b!)? bias, int group_size, "
+      "Tensor indptr, Tensor labels, Tensor(c!)? weight_momentum, Tensor(d!)? bias_momentum, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool first_step, int weight_key, "
+      "int bias_key, bool input_grad, str loss=\"bce\", str reduction=\"batchmean\") -> (Tensor, Tensor)");
   // Scores and label ids [..., k] of the k highest logits of the GSFFI layer, without a B x L buffer.
   m.def("gsffi_topk(Tensor x, Tensor weight, Tensor indices, Tensor? bias, int group_size, int k) -> (Tensor, Tensor)");
   // In-place SGD (+momentum) step; bfloat16 rounds stochastically with bits hashed from key. See ops/xmc.h.

@@ -136,10 +136,22 @@ int xmc_sgd_sr_cuda(int64_t n, xmc_dtype dt, void *param, void *momentum_buf, co
  */
 typedef enum { XMC_LOSS_BCE = 0, XMC_LOSS_SQUARED_HINGE = 1 } xmc_loss;
 
+/* The fused loss may update the weight in place instead of returning its gradient (grad_weight NULL, update not
+ * NULL): each block of labels gets xmc_sgd_sr's step with the block's gradient, rounded to the weight's dtype
+ * first, as soon as it is complete and the block's weights have been read for the input gradient. The result is
+ * bitwise that of storing grad_weight and calling xmc_sgd_sr on the whole weight, without a weight-sized
+ * gradient anywhere (CUDA keeps one label chunk of it). float32 and bfloat16 only. */
+typedef struct {
+  void *weight;          /* the weight argument itself, written in place */
+  void *momentum_buf;    /* as xmc_sgd_sr's: NULL, or unused when args.momentum = 0 */
+  xmc_sgd_sr_args args;  /* args.offset must be 0 */
+} xmc_weight_update;
+
 typedef int (*xmc_gsffi_fused_loss_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
                                        const int32_t *indices, const void *bias, const int64_t *indptr,
                                        const int64_t *labels, xmc_loss loss, double scale, double *loss_out,
-                                       void *grad_x, void *grad_weight, void *grad_bias, xmc_exec ex);
+                                       void *grad_x, void *grad_weight, void *grad_bias,
+                                       const xmc_weight_update *update, xmc_exec ex);
 typedef int (*xmc_gsffi_topk_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
                                  const int32_t *indices, const void *bias, int64_t k, void *scores,
                                  int64_t *label_ids, xmc_exec ex);
@@ -148,7 +160,7 @@ typedef int (*xmc_gsffi_topk_fn)(xmc_gsffi_shape s, xmc_dtype dt, const void *x,
 int xmc_gsffi_fused_loss_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
                              const int32_t *indices, const void *bias, const int64_t *indptr, const int64_t *labels,
                              xmc_loss loss, double scale, double *loss_out, void *grad_x, void *grad_weight,
-                             void *grad_bias, xmc_exec ex);
+                             void *grad_bias, const xmc_weight_update *update, xmc_exec ex);
 int xmc_gsffi_topk_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                        const void *bias, int64_t k, void *scores, int64_t *label_ids, xmc_exec ex);
 
@@ -158,7 +170,7 @@ int xmc_gsffi_topk_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const voi
 int xmc_gsffi_fused_loss_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
                               const int32_t *indices, const void *bias, const int64_t *indptr, const int64_t *labels,
                               xmc_loss loss, double scale, double *loss_out, void *grad_x, void *grad_weight,
-                              void *grad_bias, xmc_exec ex);
+                              void *grad_bias, const xmc_weight_update *update, xmc_exec ex);
 int xmc_gsffi_topk_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                         const void *bias, int64_t k, void *scores, int64_t *label_ids, xmc_exec ex);
 

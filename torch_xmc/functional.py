@@ -143,6 +143,69 @@ def gsffi_loss(
     return ops.gsffi_fused_loss(input, weight, indices, bias, group_size, indptr, labels, mask, loss, reduction)[0]
 
 
+class _PrecomputedInputGrad(torch.autograd.Function):
+    """The loss of an op that already computed d loss / d input: the backward only scales that gradient."""
+
+    @staticmethod
+    def forward(input, loss, grad_input):
+        return loss.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+        ctx.input_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_input,) = ctx.saved_tensors
+        return (grad_input * grad_loss).to(ctx.input_dtype), None, None
+
+
+def gsffi_loss_sgd_(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    indptr: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    weight_momentum: torch.Tensor | None = None,
+    bias_momentum: torch.Tensor | None = None,
+    first_step: bool = True,
+    weight_key: int = 0,
+    bias_key: int = 0,
+    loss: str = "bce",
+    reduction: str = "batchmean",
+    check: bool = True,
+) -> torch.Tensor:
+    """gsffi_loss that applies the layer's optimizer step itself: weight and bias (float32 or bfloat16,
+    contiguous) get torch_xmc.optim.SGDSR's update in place, with the gradients gsffi_loss would have returned,
+    as soon as each label chunk's gradient exists. No weight-sized gradient is ever stored: on CUDA one label
+    chunk of it; the weight's memory during the step is the weight and its momentum. The result is bitwise that
+    of gsffi_loss + backward + ``torch.ops.torch_xmc.sgd_sr_`` with the same arguments.
+
+    The arguments after ``*`` up to ``bias_key`` are sgd_sr_'s, for both parameters (one key each, see
+    optim.sr_key); ``SGDSR.fused_update_args(weight, bias)`` returns them for an optimizer's state. input is
+    cast to the weight's dtype. Returns the loss; loss.backward() gives input its gradient (weight and bias get
+    none: they are already updated).
+    """
+    if check and not torch.compiler.is_compiling() and _well_formed(input, weight, indices, group_size):
+        _check_index_values(indices, input.shape[-1])
+    x = input.to(weight.dtype)
+    need_gx = torch.is_grad_enabled() and input.requires_grad
+    with torch.no_grad():
+        out, gx = ops.gsffi_fused_loss_sgd_(x, weight, indices, bias, group_size, indptr, labels, weight_momentum,
+                                            bias_momentum, lr, momentum, dampening, weight_decay, nesterov,
+                                            first_step, weight_key, bias_key, need_gx, loss, reduction)
+    return _PrecomputedInputGrad.apply(input, out, gx) if need_gx else out
+
+
 def gsffi_topk(
     input: torch.Tensor,
     weight: torch.Tensor,

@@ -104,11 +104,19 @@ class GroupSharedFanIn(nn.Module):
         return layer
 
     def loss(self, input: torch.Tensor, indptr: torch.Tensor, labels: torch.Tensor, loss: str = "bce",
-             reduction: str = "batchmean") -> torch.Tensor:
+             reduction: str = "batchmean", *, optimizer=None) -> torch.Tensor:
         """The loss of this layer's logits for input [B, in_features] against CSR positive labels, fused with its
-        gradients, without [B, out_features] logits: see torch_xmc.functional.gsffi_loss."""
-        return XF.gsffi_loss(input, self.weight, self.indices, self.bias, self.group_size, indptr, labels, loss=loss,
-                             reduction=reduction, check=False)
+        gradients, without [B, out_features] logits: see torch_xmc.functional.gsffi_loss.
+
+        optimizer: a torch_xmc.optim.SGDSR holding this layer's parameters takes its step for them here, chunk by
+        chunk, instead of in ``optimizer.step()`` (which then skips them: they get no .grad). The weight
+        gradient is never stored whole (functional.gsffi_loss_sgd_); loss.backward() still reaches the input."""
+        if optimizer is None:
+            return XF.gsffi_loss(input, self.weight, self.indices, self.bias, self.group_size, indptr, labels,
+                                 loss=loss, reduction=reduction, check=False)
+        args = optimizer.fused_update_args(self.weight, self.bias)
+        return XF.gsffi_loss_sgd_(input, self.weight, self.indices, self.bias, self.group_size, indptr, labels,
+                                  loss=loss, reduction=reduction, check=False, **args)
 
     def topk(self, input: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, label ids) [..., k] of this layer's k highest logits, without [..., out_features] logits: see

@@ -76,6 +76,18 @@ def _gsffi_fused_loss_fake(x, weight, indices, bias, group_size, indptr, labels,
     )
 
 
+gsffi_fused_loss_sgd_ = torch.ops.torch_xmc.gsffi_fused_loss_sgd_
+
+
+@torch.library.register_fake("torch_xmc::gsffi_fused_loss_sgd_")
+def _gsffi_fused_loss_sgd_fake(x, weight, indices, bias, group_size, indptr, labels, weight_momentum, bias_momentum,
+                               lr, momentum, dampening, weight_decay, nesterov, first_step, weight_key, bias_key,
+                               input_grad, loss="bce", reduction="batchmean"):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [batch, in_features], got shape {tuple(x.shape)}")
+    torch._check(weight.dtype == x.dtype, lambda: f"weight must have dtype {x.dtype} like x, got {weight.dtype}")
+    return x.new_empty(()), x.new_empty(x.shape) if input_grad else None
+
+
 @torch.library.register_fake("torch_xmc::gsffi_topk")
 def _gsffi_topk_fake(x, weight, indices, bias, group_size, k):
     torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [out_features, fan_in], got {tuple(weight.shape)}")

@@ -6,8 +6,12 @@ Rounding a small update to the nearest bf16 loses it whenever it is below half a
 the remainder, so the expected stored value is the exact one and small updates accumulate on average.
 
 The random bits come from a counter-based hash of (seed, parameter, step, element): seeded, independent of the
-thread count, and the same on every device. CPU runs the C kernel (ops/cpu/sgd_sr.c); other devices (CUDA) run
-the same arithmetic as vectorised torch ops (``sgd_sr_reference``), a handful of elementwise kernels per step.
+thread count, and the same on every device. CPU and CUDA run the kernels of ops/cpu/sgd_sr.c and
+ops/cuda/sgd_sr.cu (one element update, ops/sgd_sr_update.h); a device without them runs the same arithmetic as
+torch ops (``sgd_sr_reference``).
+
+A GroupSharedFanIn head can take its SGDSR step inside its fused loss (``layer.loss(..., optimizer=opt)``): the
+weight is updated chunk by chunk as its gradient is produced and never holds a weight-sized gradient.
 """
 import torch
 
@@ -94,33 +98,62 @@ class SGDSR(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, seed=seed))
 
+    def _params(self):
+        """(group, param, stream) for every parameter; stream is its position among all of them, so each gets
+        its own random stream."""
+        stream = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                stream += 1
+                yield group, p, stream
+
+    def _begin_update(self, group, p, stream):
+        """The state of p's next update as (momentum_buffer, first_step, key), counting the step."""
+        if p.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"SGDSR updates float32 or bfloat16 parameters, got {p.dtype}")
+        state = self.state[p]
+        first = "step" not in state
+        if first:
+            state["step"] = 0
+            state["momentum_buffer"] = torch.zeros_like(p) if group["momentum"] != 0 else None
+        key = sr_key(group["seed"], stream, state["step"])
+        state["step"] += 1
+        return state["momentum_buffer"], first, key
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stream = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                stream += 1  # position among all parameters: each gets its own random stream
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SGDSR does not support sparse gradients")
-                if p.dtype not in (torch.float32, torch.bfloat16):
-                    raise TypeError(f"SGDSR updates float32 or bfloat16 parameters, got {p.dtype}")
-                state = self.state[p]
-                first = "step" not in state
-                if first:
-                    state["step"] = 0
-                    state["momentum_buffer"] = torch.zeros_like(p) if group["momentum"] != 0 else None
-                args = (p, state["momentum_buffer"], p.grad.contiguous(), group["lr"], group["momentum"],
-                        group["dampening"], group["weight_decay"], group["nesterov"], first,
-                        sr_key(group["seed"], stream, state["step"]))
-                if p.device.type == "cpu":
-                    ops.sgd_sr_(*args)
-                else:
-                    sgd_sr_reference(*args)
-                state["step"] += 1
+        for group, p, stream in self._params():
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("SGDSR does not support sparse gradients")
+            buf, first, key = self._begin_update(group, p, stream)
+            args = (p, buf, p.grad.contiguous(), group["lr"], group["momentum"], group["dampening"],
+                    group["weight_decay"], group["nesterov"], first, key)
+            if torch._C._dispatch_has_kernel_for_dispatch_key("torch_xmc::sgd_sr_", p.device.type.upper()):
+                ops.sgd_sr_(*args)
+            else:
+                sgd_sr_reference(*args)
         return loss
+
+    @torch.no_grad()
+    def fused_update_args(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> dict:
+        """The keyword arguments of functional.gsffi_loss_sgd_ that take this optimizer's step for weight (and
+        bias) there, as ``step()`` would with their gradients; counts the step. Both must be in one group."""
+        found = {id(p): (group, p, stream) for group, p, stream in self._params() if p is weight or p is bias}
+        if id(weight) not in found or (bias is not None and id(bias) not in found):
+            raise ValueError("the layer's weight and bias must be parameters of this optimizer")
+        group = found[id(weight)][0]
+        if bias is not None and found[id(bias)][0] is not group:
+            raise ValueError("the layer's weight and bias must be in the same parameter group")
+        w_buf, first, w_key = self._begin_update(*found[id(weight)])
+        b_buf, b_first, b_key = self._begin_update(*found[id(bias)]) if bias is not None else (None, first, 0)
+        if b_first != first:
+            raise ValueError("the layer's weight and bias must have taken the same number of steps")
+        return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=group["weight_decay"], nesterov=group["nesterov"], first_step=first,
+                    weight_momentum=w_buf, bias_momentum=b_buf, weight_key=w_key, bias_key=b_key)

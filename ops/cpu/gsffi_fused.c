@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "cpu_common.h"
+#include "sgd_sr_update.h"
 
 enum {
   MBLOCK = 256, /* batch rows per tile */
@@ -183,8 +184,9 @@ static double neg_terms_f64(xmc_loss kind, double *z, int64_t n) {
 int xmc_gsffi_fused_loss_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
                              const int32_t *indices, const void *bias, const int64_t *indptr, const int64_t *labels,
                              xmc_loss loss, double scale, double *loss_out, void *grad_x, void *grad_weight,
-                             void *grad_bias, xmc_exec ex) {
+                             void *grad_bias, const xmc_weight_update *update, xmc_exec ex) {
   if (dt != XMC_F32 && dt != XMC_BF16 && dt != XMC_F64) return XMC_ERR_DTYPE;
+  if (update && (dt == XMC_F64 || grad_weight)) return XMC_ERR_DTYPE; /* SGD-SR updates float32 / bfloat16 */
   const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
   pos_map pm;
   int err = build_pos_map(s.batch, s.out_features, s.group_size, indptr, labels, &pm);
@@ -193,10 +195,10 @@ int xmc_gsffi_fused_loss_cpu(xmc_gsffi_shape s, xmc_dtype dt, const void *x, con
   if (!group_loss) err = XMC_ERR_NOMEM;
   else if (dt == XMC_F64)
     err = fused_loss_f64(s, dt, x, weight, indices, bias, &pm, loss, scale, group_loss, grad_x, grad_weight,
-                         grad_bias, ex.num_threads);
+                         grad_bias, update, ex.num_threads);
   else
     err = fused_loss_f32(s, dt, x, weight, indices, bias, &pm, loss, scale, group_loss, grad_x, grad_weight,
-                         grad_bias, ex.num_threads);
+                         grad_bias, update, ex.num_threads);
   if (err == XMC_OK) {
     double total = 0;
     for (int64_t g = 0; g < n_groups; ++g) total += group_loss[g];

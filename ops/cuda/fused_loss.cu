@@ -386,7 +386,7 @@ __global__ void scale_half(__half *p, int64_t n, float scale) {
 
 int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *indices,
               const void *bias, const int64_t *indptr, const int64_t *labels, xmc_loss kind, double scale,
-              double *loss_out, void *gx, void *gw, void *gb, xmc_exec ex) {
+              double *loss_out, void *gx, void *gw, void *gb, const xmc_weight_update *upd, xmc_exec ex) {
   cudaStream_t st = ex.stream;
   const int64_t B = s.batch, H = s.in_features, L = s.out_features, F = s.fan_in, G = s.group_size;
   const int64_t nl = chunk_labels(s);
@@ -395,12 +395,13 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
   // The buffer holds scale * d loss / d logit in bf16 (fp32's exponent range); in fp16 it holds the unscaled
   // gradient (|.| <= 1 for BCE), since scales like 1 / (B L) would flush it to zero, and the products are scaled.
   const float zscale = dt == XMC_BF16 ? (float)scale : 1.f, post = dt == XMC_BF16 ? 1.f : (float)scale;
-  void *block = nullptr, *buf = nullptr, *bits = nullptr, *block_loss = nullptr, *acc = nullptr;
+  void *block = nullptr, *buf = nullptr, *bits = nullptr, *block_loss = nullptr, *acc = nullptr, *gw_chunk = nullptr;
   int err = (int)scratch_parts(&block,
                                {{&buf, (size_t)(B * nl) * 2},
                                 {&bits, (size_t)(B * words) * 4},
                                 {&block_loss, (size_t)(n_chunks * parts_per_chunk) * sizeof(double)},
-                                {&acc, gx ? (size_t)(B * H) * sizeof(float) : 0}},
+                                {&acc, gx ? (size_t)(B * H) * sizeof(float) : 0},
+                                {&gw_chunk, upd ? (size_t)(nl * F) * 2 : 0}},
                                st);
   if (!err && gx) err = (int)cudaMemsetAsync(acc, 0, (size_t)(B * H) * sizeof(float), st);
   const int64_t esz = 2;
@@ -412,7 +413,8 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     const int32_t *ic = indices + g0 * F;
     const void *bc = bias ? static_cast<const unsigned char *>(bias) + c0 * esz : nullptr;
     void *gbc = gb ? static_cast<unsigned char *>(gb) + c0 * esz : nullptr;
-    unsigned char *gwc = gw ? static_cast<unsigned char *>(gw) + c0 * F * esz : nullptr;
+    // with an update, the chunk's weight gradient goes to scratch and is applied once grad_input has read wc
+    void *gwc = gw ? static_cast<unsigned char *>(gw) + c0 * F * esz : gw_chunk;
     double *bl = static_cast<double *>(block_loss) + n_parts;
     err = xmc_gsffi_forward_cuda(sc, dt, x, wc, ic, bc, buf, ex);
     if (!err) err = (int)cudaMemsetAsync(bits, 0, (size_t)(B * words) * 4, st);
@@ -431,12 +433,18 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
         launch_grad_chunk<__half>(nb, st, kind, buf, bits, B, n, words, (float)scale, zscale, vec, bl, gbc);
       err = last_error();
     }
-    if (!err && gw) err = xmc_gsffi_grad_weight_cuda(sc, dt, buf, x, ic, gwc, ex);
+    if (!err && gwc) err = xmc_gsffi_grad_weight_cuda(sc, dt, buf, x, ic, gwc, ex);
     if (!err && gw && post != 1.f) {
-      scale_half<<<(unsigned)((n * F + 255) / 256), 256, 0, st>>>(reinterpret_cast<__half *>(gwc), n * F, post);
+      scale_half<<<(unsigned)((n * F + 255) / 256), 256, 0, st>>>(static_cast<__half *>(gwc), n * F, post);
       err = last_error();
     }
     if (!err && gx) err = grad_input_add_f32(sc, dt, buf, wc, ic, static_cast<float *>(acc), st);
+    if (!err && upd) {
+      xmc_sgd_sr_args a = upd->args;
+      a.offset = c0 * F;  // the chunk draws the bits the whole weight's update would
+      void *mc = upd->momentum_buf ? static_cast<unsigned char *>(upd->momentum_buf) + c0 * F * esz : nullptr;
+      err = xmc_sgd_sr_cuda(n * F, dt, static_cast<unsigned char *>(upd->weight) + c0 * F * esz, mc, gw_chunk, a, ex);
+    }
   }
   if (!err) {
     loss_sum_kernel<<<1, THREADS, 0, st>>>(n_parts, static_cast<double *>(block_loss), scale, loss_out);
@@ -457,9 +465,27 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
 extern "C" int xmc_gsffi_fused_loss_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight,
                                          const int32_t *indices, const void *bias, const int64_t *indptr,
                                          const int64_t *labels, xmc_loss loss, double scale, double *loss_out,
-                                         void *grad_x, void *grad_weight, void *grad_bias, xmc_exec ex) {
+                                         void *grad_x, void *grad_weight, void *grad_bias,
+                                         const xmc_weight_update *update, xmc_exec ex) {
   using namespace xmc_cuda::fused;
   cudaStream_t st = ex.stream;
+  if (update) {
+    if ((dt != XMC_F32 && dt != XMC_BF16) || grad_weight) return XMC_ERR_DTYPE;  // SGD-SR: float32 / bfloat16
+    if (dt == XMC_BF16 && s.batch > 0 && s.out_features > 0)                     // chunk by chunk
+      return launch_tc(s, dt, x, weight, indices, bias, indptr, labels, loss, scale, loss_out, grad_x, nullptr,
+                       grad_bias, update, ex);
+    // the plain kernels write the whole weight gradient: to scratch, then one update over it
+    void *gw = nullptr;
+    const size_t bytes = (size_t)(s.out_features * s.fan_in) * (dt == XMC_BF16 ? 2 : 4);
+    int err = (int)xmc_cuda::scratch_alloc(&gw, bytes, st);
+    if (!err)
+      err = xmc_gsffi_fused_loss_cuda(s, dt, x, weight, indices, bias, indptr, labels, loss, scale, loss_out, grad_x,
+                                      gw, grad_bias, nullptr, ex);
+    if (!err) err = xmc_sgd_sr_cuda(s.out_features * s.fan_in, dt, update->weight, update->momentum_buf, gw,
+                                    update->args, ex);
+    if (gw) cudaFreeAsync(gw, st);
+    return err;
+  }
   switch (dt) {
     case XMC_F32:
       return launch<float>(s, x, weight, indices, bias, indptr, labels, loss, scale, loss_out, grad_x, grad_weight,
@@ -475,7 +501,7 @@ extern "C" int xmc_gsffi_fused_loss_cuda(xmc_gsffi_shape s, xmc_dtype dt, const 
                               : launch<__half>(s, x, weight, indices, bias, indptr, labels, loss, scale, loss_out,
                                                grad_x, grad_weight, grad_bias, st);
       return launch_tc(s, dt, x, weight, indices, bias, indptr, labels, loss, scale, loss_out, grad_x, grad_weight,
-                       grad_bias, ex);
+                       grad_bias, nullptr, ex);
   }
   return (int)cudaErrorInvalidValue;
 }
