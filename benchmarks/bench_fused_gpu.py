@@ -6,6 +6,10 @@ Training step (loss + gradients of x, weight, bias), BCE with logits, reduction 
   unfused     GSFFI forward -> [B, L] logits, F.binary_cross_entropy_with_logits against a dense target, backward
   skip-loss   dense nn.Linear weights, no loss graph (Renee's trick, DESIGN.md section 3): logits = x W^T + b,
   dense       sigmoid in place, subtract 1 at the positives, scale, then grad_W = dz^T x and grad_x = dz W
+Training step with the head's optimizer step (SGD + momentum, bf16 stochastic rounding, torch_xmc.optim.SGDSR):
+  fused       layer.loss(x, ..., optimizer=opt).backward(): the update is applied per label chunk inside the op,
+              so no weight-sized gradient exists
+  unfused     the fused step above, then opt.step() over the stored weight gradient
 Prediction: fused gsffi_topk; unfused forward + torch.topk; dense x W^T + b then torch.topk.
 Reported: median ms of CUDA-event times, and peak extra memory: PyTorch's allocations above their level before
 the call (the outputs, so the fused step's includes its weight gradient) plus the kernels' scratch
@@ -24,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch_xmc  # noqa: E402
 from torch_xmc import memory  # noqa: E402
+from torch_xmc.optim import SGDSR  # noqa: E402
 from bench_gpu import H, timed  # noqa: E402
 from common import environment, fused_step_fns, print_table, write_json  # noqa: E402
 
@@ -60,7 +65,20 @@ def bench(B, L, F, G, ks, repeat, dense):
         clear()
         (TF.binary_cross_entropy_with_logits(layer(x), target, reduction="sum") / B).backward()
 
-    cases = [("train step", "fused gsffi_loss + backward", fused_step, True)]
+    opt = SGDSR(layer.parameters(), lr=1e-4, momentum=0.9, seed=0)
+
+    def step_with_update_inside():
+        clear()
+        layer.loss(x, indptr, labels, optimizer=opt).backward()
+
+    def step_then_update():
+        fused_step()
+        opt.step()
+
+    cases = [("train step", "fused gsffi_loss + backward", fused_step, True),
+             ("train step + SGD-SR", "fused: the update inside gsffi_loss_sgd_ + backward", step_with_update_inside,
+              True),
+             ("train step + SGD-SR", "gsffi_loss + backward, then SGDSR.step()", step_then_update, True)]
     for k in ks:
         cases.append((f"top-{k}", "fused gsffi_topk", lambda k=k: layer.topk(xd, k), True))
     rows = []
