@@ -140,7 +140,8 @@ typedef enum { XMC_LOSS_BCE = 0, XMC_LOSS_SQUARED_HINGE = 1 } xmc_loss;
  * NULL): each block of labels gets xmc_sgd_sr's step with the block's gradient, rounded to the weight's dtype
  * first, as soon as it is complete and the block's weights have been read for the input gradient. The result is
  * bitwise that of storing grad_weight and calling xmc_sgd_sr on the whole weight, without a weight-sized
- * gradient anywhere (CUDA keeps one label chunk of it). float32 and bfloat16 only. */
+ * gradient anywhere: CUDA bf16 keeps one label chunk of it (CUDA float32, on the plain kernels, keeps all of it
+ * in scratch). float32 and bfloat16 only. */
 typedef struct {
   void *weight;          /* the weight argument itself, written in place */
   void *momentum_buf;    /* as xmc_sgd_sr's: NULL, or unused when args.momentum = 0 */
