@@ -1,4 +1,6 @@
 """Model, loss, chunked top-k and the trainer: a run resumed from a checkpoint equals the uninterrupted run."""
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -139,3 +141,26 @@ def test_measure_run_isolated(split):
     r = measure_run(mc, tc, train, test)
     assert r["steps"] == 16 and r["peak_bytes"] > 0 and r["head_params"] == mc.num_labels * (mc.fan_in + 1)
     assert 0 <= r["metrics"]["P@1"] <= 100
+
+
+@pytest.mark.parametrize("head", ["dense", "gsffi", "headtail"])
+def test_head_update_inside_the_loss_equals_after(split, head):
+    """A bf16 head's SGDSR step taken inside the fused loss (the default) trains bitwise as the step after
+    backward over stored gradients: same weights, momentum, losses; the head never holds a .grad."""
+    train, _ = split
+    mc, tc = configs(head)
+    tc = replace(tc, head_precision="bf16", head_lr=4.0, eval_every=0)
+    runs = {}
+    for mode in ("inside", "after"):
+        t = Trainer(mc, replace(tc, head_update=mode))
+        t.fit(train)
+        runs[mode] = t
+        assert all(p.grad is None for p in t.model.head.parameters()) == (mode == "inside")
+    a, b = runs["inside"], runs["after"]
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    for p, q in zip(a.model.head.parameters(), b.model.head.parameters()):
+        assert torch.equal(a.head_optimizer.state[p]["momentum_buffer"], b.head_optimizer.state[q]["momentum_buffer"])
+    assert a.history == b.history
+    with pytest.raises(ValueError, match="head_update must be 'inside' or 'after', got 'before'"):
+        Trainer(mc, replace(tc, head_update="before"))

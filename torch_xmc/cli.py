@@ -86,6 +86,9 @@ def _add_model_args(p, head=True):
     g.add_argument("--head-precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: head weights in bfloat16, SGD + momentum with stochastic rounding, no fp32 copy")
     g.add_argument("--head-lr", type=float, default=32.0, help="bf16 head: SGD learning rate (default 32)")
+    g.add_argument("--head-update", choices=["inside", "after"], default="inside",
+                   help="bf16 head, fused loss: take the head's SGD step inside the fused loss, with no "
+                        "weight-sized gradient (default), or after backward; both give the same result")
     g.add_argument("--epochs", type=float, default=2)
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--lr", type=float, default=1e-2)
@@ -109,7 +112,7 @@ def _configs(args, train, head):
                      warmup_steps=args.warmup, schedule=args.schedule, loss=args.loss, eval_every=args.eval_every,
                      eval_points=args.eval_points, seed=args.seed, progress=not args.quiet,
                      rewire_interval=args.rewire_interval, rewire_fraction=args.rewire_fraction,
-                     head_precision=args.head_precision, head_lr=args.head_lr)
+                     head_precision=args.head_precision, head_lr=args.head_lr, head_update=args.head_update)
     return mc, tc
 
 

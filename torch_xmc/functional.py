@@ -239,9 +239,13 @@ def dense_indices(in_features: int, out_features: int, group_size: int = DENSE_G
 
 
 def linear_loss(input, weight, bias, indptr, labels, *, loss="bce", reduction="batchmean",
-                group_size: int = DENSE_GROUP_SIZE) -> torch.Tensor:
-    """gsffi_loss for a dense head y = input @ weight.T + bias (weight [L, H], as nn.Linear)."""
+                group_size: int = DENSE_GROUP_SIZE, update: dict | None = None) -> torch.Tensor:
+    """gsffi_loss for a dense head y = input @ weight.T + bias (weight [L, H], as nn.Linear); with update (the
+    step's arguments, e.g. SGDSR.fused_update_args(weight, bias)), gsffi_loss_sgd_ instead."""
     idx = dense_indices(weight.shape[1], weight.shape[0], group_size, input.device)
+    if update is not None:
+        return gsffi_loss_sgd_(input, weight, idx, bias, group_size, indptr, labels, loss=loss, reduction=reduction,
+                               check=False, **update)
     return gsffi_loss(input, weight, idx, bias, group_size, indptr, labels, loss=loss, reduction=reduction,
                       check=False)
 

@@ -103,10 +103,11 @@ class HeadTailFanIn(nn.Module):
         return y.index_select(-1, self.position)
 
     def loss(self, input: torch.Tensor, indptr: torch.Tensor, labels: torch.Tensor, loss: str = "bce",
-             reduction: str = "batchmean") -> torch.Tensor:
+             reduction: str = "batchmean", *, optimizer=None) -> torch.Tensor:
         """The loss of this module's logits for input [B, in_features] against CSR positive labels (user label
         ids), through the fused loss ops of both halves: no [B, out_features] logits. reduction "batchmean" or
-        "sum" (both halves' sums add up to the whole one's)."""
+        "sum" (both halves' sums add up to the whole one's). optimizer: a torch_xmc.optim.SGDSR holding this
+        module's parameters takes its step for both halves inside their fused losses (GroupSharedFanIn.loss)."""
         if reduction not in ("batchmean", "sum"):
             raise ValueError(f"reduction must be 'batchmean' or 'sum', got {reduction!r}")
         pos = self.position[labels.to(self.position.device)]
@@ -114,11 +115,13 @@ class HeadTailFanIn(nn.Module):
         in_head = pos < self.head_labels
         t0, t1 = self.tail_features
         total = self.tail.loss(input[..., t0:t1], *_csr(rows[~in_head], pos[~in_head] - self.head_labels, indptr),
-                               loss=loss, reduction=reduction)
+                               loss=loss, reduction=reduction, optimizer=optimizer)
         if self.head is not None:
             h0, h1 = self.head_features
+            update = None if optimizer is None else optimizer.fused_update_args(self.head.weight, self.head.bias)
             total = total + XF.linear_loss(input[..., h0:h1], self.head.weight, self.head.bias,
-                                           *_csr(rows[in_head], pos[in_head], indptr), loss=loss, reduction=reduction)
+                                           *_csr(rows[in_head], pos[in_head], indptr), loss=loss, reduction=reduction,
+                                           update=update)
         return total
 
     def topk(self, input: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

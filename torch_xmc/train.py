@@ -137,13 +137,18 @@ def bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Tensor, 
 
 
 def fused_bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Tensor,
-                   label_indices: torch.Tensor) -> torch.Tensor:
+                   label_indices: torch.Tensor, optimizer: SGDSR | None = None) -> torch.Tensor:
     """bce_loss through the fused loss op, which never builds [B, L] logits: GroupSharedFanIn.loss, and for
-    nn.Linear functional.linear_loss (the same kernels with fan_in = H). Other heads fall back to bce_loss."""
+    nn.Linear functional.linear_loss (the same kernels with fan_in = H). Other heads fall back to bce_loss.
+    optimizer: an SGDSR over the head's parameters that takes its step inside the fused loss (no weight-sized
+    gradient; the head's parameters get no .grad)."""
     if isinstance(head, (GroupSharedFanIn, HeadTailFanIn)):
-        return head.loss(hidden, label_indptr, label_indices)
+        return head.loss(hidden, label_indptr, label_indices, optimizer=optimizer)
     if isinstance(head, nn.Linear):
-        return XF.linear_loss(hidden, head.weight, head.bias, label_indptr, label_indices)
+        update = None if optimizer is None else optimizer.fused_update_args(head.weight, head.bias)
+        return XF.linear_loss(hidden, head.weight, head.bias, label_indptr, label_indices, update=update)
+    if optimizer is not None:
+        raise TypeError(f"the optimizer step inside the loss needs a fused head, got {type(head).__name__}")
     return bce_loss(head, hidden, label_indptr, label_indices)
 
 
@@ -210,6 +215,9 @@ class TrainConfig:
     rewire_end: float = 2 / 3  # share of the training steps after which the connections stay fixed
     head_precision: str = "fp32"  # "bf16": head weights in bfloat16, trained by torch_xmc.optim.SGDSR (no fp32 copy)
     head_lr: float = 32.0  # "bf16": SGDSR learning rate (momentum 0.9) of the head; the encoder keeps AdamW at lr
+    # "bf16" with loss "fused": "inside" takes the head's SGDSR step inside the fused loss (no weight-sized
+    # gradient, bitwise the same result), "after" stores the head's gradients and steps after backward
+    head_update: str = "inside"
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):
@@ -248,6 +256,8 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig):
         if train_cfg.loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {train_cfg.loss!r}")
+        if train_cfg.head_update not in ("inside", "after"):
+            raise ValueError(f"head_update must be 'inside' or 'after', got {train_cfg.head_update!r}")
         self.model_cfg, self.cfg, self.loss_fn = model_cfg, train_cfg, LOSSES[train_cfg.loss]
         torch.manual_seed(train_cfg.seed)
         self.model = build_model(model_cfg)
@@ -326,7 +336,10 @@ class Trainer:
             t0 = time.perf_counter()
             b = make_batch(train, rows)
             hidden = self.model.encoder(b.indices, b.offsets, b.weights).to(_head_dtype(self.model))
-            loss = self.loss_fn(self.model.head, hidden, b.label_indptr, b.label_indices)
+            inside = (self.head_optimizer is not None and self.loss_fn is fused_bce_loss
+                      and self.cfg.head_update == "inside")
+            extra = {"optimizer": self.head_optimizer} if inside else {}  # else the head steps after backward
+            loss = self.loss_fn(self.model.head, hidden, b.label_indptr, b.label_indices, **extra)
             self.optimizer.zero_grad(set_to_none=True)
             if self.head_optimizer is not None:
                 self.head_optimizer.zero_grad(set_to_none=True)
