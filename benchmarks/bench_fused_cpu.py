@@ -4,6 +4,9 @@ Training step (loss + gradients of x, weight, bias), BCE with logits, reduction 
   fused     torch_xmc.functional.gsffi_loss(...).backward(): no [B, L] tensor
   unfused   GSFFI forward -> [B, L] logits, F.binary_cross_entropy_with_logits against a dense [B, L] target
             (built once, outside the timing), backward through our gsffi_backward
+Training step with the layer's SGDSR step (SGD + momentum; float32 here, so no rounding):
+  fused     layer.loss(x, ..., optimizer=opt).backward(): the update applied per label block inside the op
+  unfused   the fused step above, then opt.step() over the stored weight gradient
 Prediction (top-k labels per row):
   fused     torch_xmc.functional.gsffi_topk
   unfused   GSFFI forward -> [B, L] logits, torch.topk
@@ -47,16 +50,28 @@ def bench(B, H, L, F, G, ks, repeat):
         clear()
         (TF.binary_cross_entropy_with_logits(layer(x), target, reduction="sum") / B).backward()
 
+    opt = torch_xmc.SGDSR(layer.parameters(), lr=1e-4, momentum=0.9)
+
+    def step_with_update_inside():
+        clear()
+        layer.loss(x, indptr, labels, optimizer=opt).backward()
+
+    def step_then_update():
+        fused_step()
+        opt.step()
+
     xd = x.detach()
     cases = [("train step", "fused gsffi_loss + backward", fused_step),
-             ("train step", "unfused forward + BCE + backward", unfused_step)]
+             ("train step", "unfused forward + BCE + backward", unfused_step),
+             ("train step + SGD-SR", "fused: the update inside gsffi_loss_sgd_ + backward", step_with_update_inside),
+             ("train step + SGD-SR", "gsffi_loss + backward, then SGDSR.step()", step_then_update)]
     for k in ks:
         cases += [(f"top-{k}", "fused gsffi_topk", lambda k=k: layer.topk(xd, k)),
                   (f"top-{k}", "unfused forward + torch.topk", lambda k=k: layer(xd).topk(k, dim=1))]
     rows = []
     for task, method, fn in cases:
         r = {"task": task, "method": method, "B": B, "H": H, "L": L, "F": F, "G": G}
-        with torch.no_grad() if task != "train step" else torch.enable_grad():
+        with torch.no_grad() if not task.startswith("train") else torch.enable_grad():
             r["ms"] = common.median_time(fn, repeat)
             clear()
             gc.collect()
