@@ -216,3 +216,25 @@ def test_argument_errors(device):
         layer.loss(x, indptr, labels, optimizer=SGDSR([layer.weight], lr=0.1))
     with pytest.raises(ValueError, match="must be in the same parameter group"):
         layer.loss(x, indptr, labels, optimizer=SGDSR([{"params": [layer.weight]}, {"params": [layer.bias]}], lr=0.1))
+
+
+def test_non_contiguous_input_and_cpu_targets(device):
+    """A transposed view as input and CSR targets on the CPU give bitwise what a contiguous input and targets on
+    the input's device give."""
+    B, H, L, F, G = 6, 24, 50, 6, 7
+    results = []
+    for variant in ("plain", "strided"):
+        torch.manual_seed(0)
+        layer = GroupSharedFanIn(H, L, F, G, device=device)
+        opt = SGDSR(layer.parameters(), lr=0.1, momentum=0.9)
+        x = torch.randn(H, B, device=device).t()
+        indptr, labels = random_targets(B, L, "cpu")
+        if variant == "plain":
+            x, indptr, labels = x.contiguous(), indptr.to(device), labels.to(device)
+        assert x.is_contiguous() == (variant == "plain")
+        x = x.detach().requires_grad_()
+        out = layer.loss(x, indptr, labels, optimizer=opt)
+        out.backward()
+        results.append((out.detach(), x.grad, layer.weight.detach().clone(), layer.bias.detach().clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
