@@ -238,3 +238,33 @@ def test_non_contiguous_input_and_cpu_targets(device):
         results.append((out.detach(), x.grad, layer.weight.detach().clone(), layer.bias.detach().clone()))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_compiled_training_step_does_not_recompile(device):
+    """Under torch.compile the module's loss with the optimizer step runs eagerly (its step count and keys change
+    every call): six compiled steps compile once, and equal six eager ones bitwise, the encoder's gradients too."""
+    import torch._dynamo
+    B, H, L, F, G = 8, 32, 100, 8, 10
+    torch.manual_seed(0)
+    enc, layer = torch.nn.Linear(16, H, device=device), GroupSharedFanIn(H, L, F, G, device=device)
+    enc2, layer2 = torch.nn.Linear(16, H, device=device), GroupSharedFanIn(H, L, F, G, device=device)
+    enc2.load_state_dict(enc.state_dict())
+    layer2.load_state_dict(layer.state_dict())
+    opt, opt2 = SGDSR(layer.parameters(), lr=0.1, momentum=0.9), SGDSR(layer2.parameters(), lr=0.1, momentum=0.9)
+    indptr, labels = random_targets(B, L, device)
+
+    def step(x, enc, layer, opt):
+        return layer.loss(torch.relu(enc(x)), indptr, labels, optimizer=opt)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(6):
+            x = torch.randn(B, 16, device=device)
+            a, b = compiled(x, enc, layer, opt), step(x, enc2, layer2, opt2)
+            a.backward()
+            b.backward()
+            assert torch.equal(a, b) and torch.equal(enc.weight.grad, enc2.weight.grad)
+            enc.zero_grad()
+            enc2.zero_grad()
+    assert torch.equal(layer.weight, layer2.weight) and torch.equal(layer.bias, layer2.bias)

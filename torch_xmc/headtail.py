@@ -118,10 +118,14 @@ class HeadTailFanIn(nn.Module):
                                loss=loss, reduction=reduction, optimizer=optimizer)
         if self.head is not None:
             h0, h1 = self.head_features
-            update = None if optimizer is None else optimizer.fused_update_args(self.head.weight, self.head.bias)
-            total = total + XF.linear_loss(input[..., h0:h1], self.head.weight, self.head.bias,
-                                           *_csr(rows[in_head], pos[in_head], indptr), loss=loss, reduction=reduction,
-                                           update=update)
+
+            def head_loss(**update):
+                return XF.linear_loss(input[..., h0:h1], self.head.weight, self.head.bias,
+                                      *_csr(rows[in_head], pos[in_head], indptr), loss=loss, reduction=reduction,
+                                      update=update or None)
+
+            total = total + (head_loss() if optimizer is None
+                             else optimizer.loss_with_step(self.head.weight, self.head.bias, head_loss))
         return total
 
     def topk(self, input: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,9 +114,9 @@ class GroupSharedFanIn(nn.Module):
         if optimizer is None:
             return XF.gsffi_loss(input, self.weight, self.indices, self.bias, self.group_size, indptr, labels,
                                  loss=loss, reduction=reduction, check=False)
-        args = optimizer.fused_update_args(self.weight, self.bias)
-        return XF.gsffi_loss_sgd_(input, self.weight, self.indices, self.bias, self.group_size, indptr, labels,
-                                  loss=loss, reduction=reduction, check=False, **args)
+        return optimizer.loss_with_step(self.weight, self.bias, lambda **update: XF.gsffi_loss_sgd_(
+            input, self.weight, self.indices, self.bias, self.group_size, indptr, labels, loss=loss,
+            reduction=reduction, check=False, **update))
 
     def topk(self, input: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, label ids) [..., k] of this layer's k highest logits, without [..., out_features] logits: see

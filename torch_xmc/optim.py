@@ -140,6 +140,14 @@ class SGDSR(torch.optim.Optimizer):
                 sgd_sr_reference(*args)
         return loss
 
+    @torch.compiler.disable
+    def loss_with_step(self, weight: torch.Tensor, bias: torch.Tensor | None, loss_fn):
+        """loss_fn(**fused_update_args(weight, bias)): a fused loss that takes this optimizer's step for weight and
+        bias inside it (GroupSharedFanIn.loss(optimizer=...) calls this). It runs eagerly under torch.compile:
+        the step count and random-bit keys change every call, and as graph constants they would recompile the
+        graph every step; the code around it still compiles, and autograd connects through it."""
+        return loss_fn(**self.fused_update_args(weight, bias))
+
     @torch.no_grad()
     def fused_update_args(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> dict:
         """The keyword arguments of functional.gsffi_loss_sgd_ that take this optimizer's step for weight (and

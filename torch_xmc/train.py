@@ -145,8 +145,9 @@ def fused_bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Te
     if isinstance(head, (GroupSharedFanIn, HeadTailFanIn)):
         return head.loss(hidden, label_indptr, label_indices, optimizer=optimizer)
     if isinstance(head, nn.Linear):
-        update = None if optimizer is None else optimizer.fused_update_args(head.weight, head.bias)
-        return XF.linear_loss(hidden, head.weight, head.bias, label_indptr, label_indices, update=update)
+        def linear(**update):
+            return XF.linear_loss(hidden, head.weight, head.bias, label_indptr, label_indices, update=update or None)
+        return linear() if optimizer is None else optimizer.loss_with_step(head.weight, head.bias, linear)
     if optimizer is not None:
         raise TypeError(f"the optimizer step inside the loss needs a fused head, got {type(head).__name__}")
     return bce_loss(head, hidden, label_indptr, label_indices)
