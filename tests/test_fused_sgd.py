@@ -214,6 +214,8 @@ def test_argument_errors(device):
     layer = GroupSharedFanIn(24, 50, 6, 7, device=device)
     with pytest.raises(ValueError, match="must be parameters of this optimizer"):
         layer.loss(x, indptr, labels, optimizer=SGDSR([layer.weight], lr=0.1))
+    with pytest.raises(TypeError, match="optimizer must be a torch_xmc.optim.SGDSR .* got SGD"):
+        layer.loss(x, indptr, labels, optimizer=torch.optim.SGD(layer.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="must be in the same parameter group"):
         layer.loss(x, indptr, labels, optimizer=SGDSR([{"params": [layer.weight]}, {"params": [layer.bias]}], lr=0.1))
 

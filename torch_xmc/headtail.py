@@ -11,6 +11,7 @@ from torch import nn
 from . import functional as XF
 from . import grouping as _grouping
 from .modules import GroupSharedFanIn
+from .optim import loss_with_step
 
 
 def head_size(num_labels: int, head_fraction: float, group_size: int) -> int:
@@ -125,7 +126,7 @@ class HeadTailFanIn(nn.Module):
                                       update=update or None)
 
             total = total + (head_loss() if optimizer is None
-                             else optimizer.loss_with_step(self.head.weight, self.head.bias, head_loss))
+                             else loss_with_step(optimizer, self.head.weight, self.head.bias, head_loss))
         return total
 
     def topk(self, input: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from . import functional as XF
+from .optim import loss_with_step
 
 _INDEX_CHUNK = 4096  # groups drawn at a time: bounds the [chunk, in_features] scratch of random_indices
 
@@ -114,7 +115,7 @@ class GroupSharedFanIn(nn.Module):
         if optimizer is None:
             return XF.gsffi_loss(input, self.weight, self.indices, self.bias, self.group_size, indptr, labels,
                                  loss=loss, reduction=reduction, check=False)
-        return optimizer.loss_with_step(self.weight, self.bias, lambda **update: XF.gsffi_loss_sgd_(
+        return loss_with_step(optimizer, self.weight, self.bias, lambda **update: XF.gsffi_loss_sgd_(
             input, self.weight, self.indices, self.bias, self.group_size, indptr, labels, loss=loss,
             reduction=reduction, check=False, **update))
 

@@ -10,8 +10,9 @@ thread count, and the same on every device. CPU and CUDA run the kernels of ops/
 ops/cuda/sgd_sr.cu (one element update, ops/sgd_sr_update.h); a device without them runs the same arithmetic as
 torch ops (``sgd_sr_reference``).
 
-A GroupSharedFanIn head can take its SGDSR step inside its fused loss (``layer.loss(..., optimizer=opt)``): the
-weight is updated chunk by chunk as its gradient is produced and never holds a weight-sized gradient.
+A GroupSharedFanIn head can take its SGDSR step inside its fused loss (``layer.loss(..., optimizer=opt)``, through
+``loss_with_step``): the weight is updated chunk by chunk as its gradient is produced and never holds a
+weight-sized gradient.
 """
 import torch
 
@@ -140,14 +141,6 @@ class SGDSR(torch.optim.Optimizer):
                 sgd_sr_reference(*args)
         return loss
 
-    @torch.compiler.disable
-    def loss_with_step(self, weight: torch.Tensor, bias: torch.Tensor | None, loss_fn):
-        """loss_fn(**fused_update_args(weight, bias)): a fused loss that takes this optimizer's step for weight and
-        bias inside it (GroupSharedFanIn.loss(optimizer=...) calls this). It runs eagerly under torch.compile:
-        the step count and random-bit keys change every call, and as graph constants they would recompile the
-        graph every step; the code around it still compiles, and autograd connects through it."""
-        return loss_fn(**self.fused_update_args(weight, bias))
-
     @torch.no_grad()
     def fused_update_args(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> dict:
         """The keyword arguments of functional.gsffi_loss_sgd_ that take this optimizer's step for weight (and
@@ -165,3 +158,15 @@ class SGDSR(torch.optim.Optimizer):
         return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"], first_step=first,
                     weight_momentum=w_buf, bias_momentum=b_buf, weight_key=w_key, bias_key=b_key)
+
+
+@torch.compiler.disable
+def loss_with_step(optimizer: SGDSR, weight: torch.Tensor, bias: torch.Tensor | None, loss_fn) -> torch.Tensor:
+    """loss_fn(**optimizer.fused_update_args(weight, bias)): a fused loss that takes the optimizer's step for
+    weight and bias inside it (what GroupSharedFanIn.loss(optimizer=...) runs). It runs eagerly under
+    torch.compile: the step count and random-bit keys change every call, and as graph constants they would
+    recompile the graph every step; the code around it still compiles, and autograd connects through it."""
+    if not isinstance(optimizer, SGDSR):
+        raise TypeError(f"optimizer must be a torch_xmc.optim.SGDSR to take its step inside the fused loss, got "
+                        f"{type(optimizer).__name__}")
+    return loss_fn(**optimizer.fused_update_args(weight, bias))

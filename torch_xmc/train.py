@@ -16,7 +16,7 @@ from . import metrics
 from .data import XMCData, gather_rows
 from .headtail import HeadTailFanIn, head_size
 from .modules import GroupSharedFanIn
-from .optim import SGDSR
+from .optim import SGDSR, loss_with_step
 from .rewire import Rewirer
 
 
@@ -147,7 +147,7 @@ def fused_bce_loss(head: nn.Module, hidden: torch.Tensor, label_indptr: torch.Te
     if isinstance(head, nn.Linear):
         def linear(**update):
             return XF.linear_loss(hidden, head.weight, head.bias, label_indptr, label_indices, update=update or None)
-        return linear() if optimizer is None else optimizer.loss_with_step(head.weight, head.bias, linear)
+        return linear() if optimizer is None else loss_with_step(optimizer, head.weight, head.bias, linear)
     if optimizer is not None:
         raise TypeError(f"the optimizer step inside the loss needs a fused head, got {type(head).__name__}")
     return bce_loss(head, hidden, label_indptr, label_indices)
