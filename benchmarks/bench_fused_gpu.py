@@ -10,6 +10,8 @@ Training step with the head's optimizer step (SGD + momentum, bf16 stochastic ro
   fused       layer.loss(x, ..., optimizer=opt).backward(): the update is applied per label chunk inside the op,
               so no weight-sized gradient exists
   unfused     the fused step above, then opt.step() over the stored weight gradient
+  also        the update inside with the targets on the CPU: they are checked there and copied up without a
+              host sync (targets on the GPU are copied down to be checked: a sync per step)
 Prediction: fused gsffi_topk; unfused forward + torch.topk; dense x W^T + b then torch.topk.
 Reported: median ms of CUDA-event times, and peak extra memory: PyTorch's allocations above their level before
 the call (the outputs, so the fused step's includes its weight gradient) plus the kernels' scratch
@@ -75,10 +77,18 @@ def bench(B, L, F, G, ks, repeat, dense):
         fused_step()
         opt.step()
 
+    indptr_cpu, labels_cpu = indptr.cpu(), labels.cpu()  # as a data loader yields them
+
+    def step_with_update_inside_cpu_targets():
+        clear()
+        layer.loss(x, indptr_cpu, labels_cpu, optimizer=opt).backward()
+
     cases = [("train step", "fused gsffi_loss + backward", fused_step, True),
              ("train step + SGD-SR", "fused: the update inside gsffi_loss_sgd_ + backward", step_with_update_inside,
               True),
-             ("train step + SGD-SR", "gsffi_loss + backward, then SGDSR.step()", step_then_update, True)]
+             ("train step + SGD-SR", "gsffi_loss + backward, then SGDSR.step()", step_then_update, True),
+             ("train step + SGD-SR", "the update inside, targets on the CPU (no host sync)",
+              step_with_update_inside_cpu_targets, True)]
     for k in ks:
         cases.append((f"top-{k}", "fused gsffi_topk", lambda k=k: layer.topk(xd, k), True))
     rows = []

@@ -61,6 +61,14 @@ void check_targets(const char *op, const at::Tensor &indptr, const at::Tensor &l
 
 namespace {
 
+// t (contiguous) on like's device: from the CPU to a GPU asynchronously, through pinned memory.
+at::Tensor on_device_of(const at::Tensor &t, const at::Tensor &like) {
+  if (t.device() == like.device()) return t.contiguous();
+  if (t.device().is_cpu() && !like.device().is_cpu())
+    return t.contiguous().pin_memory().to(like.device(), t.scalar_type(), /*non_blocking=*/true);
+  return t.to(like.device()).contiguous();
+}
+
 // What both fused-loss ops check and prepare: the layer's shape, the parsed loss and scale, the targets on x's
 // device, contiguous operands.
 struct LossCall {
@@ -85,10 +93,12 @@ LossCall prepare_loss(const char *op, const at::Tensor &x, const at::Tensor &wei
   TORCH_CHECK(indptr.device() == labels.device() && (indptr.device().is_cpu() || indptr.device() == x.device()), op,
               ": indptr and labels must be on the CPU or on ", x.device(), " like x, got ", indptr.device(), " and ",
               labels.device());
-  // the targets are checked on the host (on a GPU that is a copy and a sync) and read by the kernel on x's device
+  // The targets are checked on the host and read by the kernel on x's device. Targets on the GPU cost a copy
+  // to the host and a sync; targets on the CPU go up through pinned memory without one, so the host can run
+  // ahead of the device.
   check_targets(op, indptr.cpu().contiguous(), labels.cpu().contiguous(), c.s.batch, c.s.out_features);
-  c.ptr = indptr.to(x.device()).contiguous();
-  c.lab = labels.to(x.device()).contiguous();
+  c.ptr = on_device_of(indptr, x);
+  c.lab = on_device_of(labels, x);
   c.idx = indices.contiguous();
   if (k.layer->check_index_range) check_index_range(op, c.idx, c.s.in_features);
   c.x = x.contiguous();
