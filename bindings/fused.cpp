@@ -168,14 +168,20 @@ std::tuple<at::Tensor, at::Tensor> gsffi_fused_loss_sgd_(
   const xmc_sgd_sr_args wa = sgd_sr_args(op, lr, momentum, dampening, weight_decay, nesterov, first_step, weight_key);
   const xmc_sgd_sr_args ba = sgd_sr_args(op, lr, momentum, dampening, weight_decay, nesterov, first_step, bias_key);
 
+  // the device's SGD-SR step on a whole parameter from a stored gradient
+  auto step = [&](const at::Tensor &param, const std::optional<at::Tensor> &buf, const at::Tensor &grad,
+                  const xmc_sgd_sr_args &a) {
+    void *m = buf.has_value() ? buf->mutable_data_ptr() : nullptr;
+    check_rc(op, k.sgd(param.numel(), to_xmc(dt), param.mutable_data_ptr(), m, grad.const_data_ptr(), a,
+                       k.layer->exec(x)),
+             *k.layer);
+  };
   at::Tensor gx, gb;
   if (input_grad) gx = at::empty({c.s.batch, c.s.in_features}, x.options());
   if (bias.has_value()) gb = at::empty({c.s.out_features}, x.options());
   at::Tensor out;
   if (c.s.batch == 0) {  // no terms, zero gradients: the update is still a step (weight decay, momentum)
-    auto zeros = at::zeros_like(weight);
-    sgd_sr_run(weight, weight_momentum, zeros, lr, momentum, dampening, weight_decay, nesterov, first_step,
-               weight_key, k.sgd, k.layer->exec(x));
+    step(weight, weight_momentum, at::zeros_like(weight), wa);
     if (gb.defined()) gb.zero_();
     out = empty_batch_loss(x, reduction);
   } else {
@@ -183,12 +189,7 @@ std::tuple<at::Tensor, at::Tensor> gsffi_fused_loss_sgd_(
                              weight_momentum.has_value() ? weight_momentum->mutable_data_ptr() : nullptr, wa};
     out = run_loss(op, c, gx, at::Tensor(), gb, &update, k).to(x.scalar_type());
   }
-  if (bias.has_value()) {
-    const int rc = k.sgd(c.s.out_features, to_xmc(dt), bias->mutable_data_ptr(),
-                         bias_momentum.has_value() ? bias_momentum->mutable_data_ptr() : nullptr, gb.const_data_ptr(),
-                         ba, k.layer->exec(x));
-    check_rc(op, rc, *k.layer);
-  }
+  if (bias.has_value()) step(*bias, bias_momentum, gb, ba);
   return {out, gx};
 }
 

@@ -78,7 +78,8 @@ XMC_SR_FN void xmc_sgd_sr_element(int bf16, void *param, void *momentum_buf, int
   if (momentum_buf && a->momentum != 0.0f) {
     float m = d;
     if (!a->first_step) {
-      const float old = bf16 ? xmc_sr_bf16_to_f32(((const uint16_t *)momentum_buf)[i]) : ((const float *)momentum_buf)[i];
+      const float old =
+          bf16 ? xmc_sr_bf16_to_f32(((const uint16_t *)momentum_buf)[i]) : ((const float *)momentum_buf)[i];
       m = XMC_SR_ADD(XMC_SR_MUL(a->momentum, old), XMC_SR_MUL(1.0f - a->dampening, d));
     }
     d = a->nesterov ? XMC_SR_ADD(d, XMC_SR_MUL(a->momentum, m)) : m;
