@@ -216,6 +216,12 @@ def test_argument_errors(device):
         layer.loss(x, indptr, labels, optimizer=SGDSR([layer.weight], lr=0.1))
     with pytest.raises(TypeError, match="optimizer must be a torch_xmc.optim.SGDSR .* got SGD"):
         layer.loss(x, indptr, labels, optimizer=torch.optim.SGD(layer.parameters(), lr=0.1))
+    stepped = SGDSR(layer.parameters(), lr=0.1)
+    layer.bias.grad = torch.ones_like(layer.bias)
+    stepped.step()  # the bias has taken a step, the weight none
+    with pytest.raises(ValueError, match="must both have taken steps, or neither"):
+        layer.loss(x, indptr, labels, optimizer=stepped)
+    assert "step" not in stepped.state[layer.weight] and stepped.state[layer.bias]["step"] == 1  # nothing counted
     with pytest.raises(ValueError, match="must be in the same parameter group"):
         layer.loss(x, indptr, labels, optimizer=SGDSR([{"params": [layer.weight]}, {"params": [layer.bias]}], lr=0.1))
 

@@ -151,10 +151,10 @@ class SGDSR(torch.optim.Optimizer):
         group = found[id(weight)][0]
         if bias is not None and found[id(bias)][0] is not group:
             raise ValueError("the layer's weight and bias must be in the same parameter group")
+        if bias is not None and ("step" in self.state[weight]) != ("step" in self.state[bias]):
+            raise ValueError("the layer's weight and bias must both have taken steps, or neither")
         w_buf, first, w_key = self._begin_update(*found[id(weight)])
-        b_buf, b_first, b_key = self._begin_update(*found[id(bias)]) if bias is not None else (None, first, 0)
-        if b_first != first:
-            raise ValueError("the layer's weight and bias must have taken the same number of steps")
+        b_buf, _, b_key = self._begin_update(*found[id(bias)]) if bias is not None else (None, first, 0)
         return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"], first_step=first,
                     weight_momentum=w_buf, bias_momentum=b_buf, weight_key=w_key, bias_key=b_key)
