@@ -51,14 +51,7 @@ def bench(B, H, L, F, G, ks, repeat):
         (TF.binary_cross_entropy_with_logits(layer(x), target, reduction="sum") / B).backward()
 
     opt = torch_xmc.SGDSR(layer.parameters(), lr=1e-4, momentum=0.9)
-
-    def step_with_update_inside():
-        clear()
-        layer.loss(x, indptr, labels, optimizer=opt).backward()
-
-    def step_then_update():
-        fused_step()
-        opt.step()
+    step_with_update_inside, step_then_update = common.update_step_fns(layer, x, indptr, labels, opt)
 
     xd = x.detach()
     cases = [("train step", "fused gsffi_loss + backward", fused_step),

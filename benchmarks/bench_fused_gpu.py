@@ -32,7 +32,7 @@ import torch_xmc  # noqa: E402
 from torch_xmc import memory  # noqa: E402
 from torch_xmc.optim import SGDSR  # noqa: E402
 from bench_gpu import H, timed  # noqa: E402
-from common import environment, fused_step_fns, print_table, write_json  # noqa: E402
+from common import environment, fused_step_fns, print_table, update_step_fns, write_json  # noqa: E402
 
 POSITIVES_PER_ROW = 5
 
@@ -68,20 +68,9 @@ def bench(B, L, F, G, ks, repeat, dense):
         (TF.binary_cross_entropy_with_logits(layer(x), target, reduction="sum") / B).backward()
 
     opt = SGDSR(layer.parameters(), lr=1e-4, momentum=0.9, seed=0)
-
-    def step_with_update_inside():
-        clear()
-        layer.loss(x, indptr, labels, optimizer=opt).backward()
-
-    def step_then_update():
-        fused_step()
-        opt.step()
-
-    indptr_cpu, labels_cpu = indptr.cpu(), labels.cpu()  # as a data loader yields them
-
-    def step_with_update_inside_cpu_targets():
-        clear()
-        layer.loss(x, indptr_cpu, labels_cpu, optimizer=opt).backward()
+    step_with_update_inside, step_then_update = update_step_fns(layer, x, indptr, labels, opt)
+    # targets on the CPU, as a data loader yields them
+    step_with_update_inside_cpu_targets, _ = update_step_fns(layer, x, indptr.cpu(), labels.cpu(), opt)
 
     cases = [("train step", "fused gsffi_loss + backward", fused_step, True),
              ("train step + SGD-SR", "fused: the update inside gsffi_loss_sgd_ + backward", step_with_update_inside,

@@ -91,6 +91,23 @@ def fused_step_fns(layer, x, indptr, labels):
     return clear, fused_step
 
 
+def update_step_fns(layer, x, indptr, labels, optimizer):
+    """(inside, after) of the fused-loss benchmarks' step with the layer's SGDSR step: inside runs
+    layer.loss(x, indptr, labels, optimizer=optimizer).backward() (the update in the op, no weight gradient);
+    after runs the plain fused step, then optimizer.step() over the stored gradient."""
+    clear, fused_step = fused_step_fns(layer, x, indptr, labels)
+
+    def inside():
+        clear()
+        layer.loss(x, indptr, labels, optimizer=optimizer).backward()
+
+    def after():
+        fused_step()
+        optimizer.step()
+
+    return inside, after
+
+
 def print_table(rows, columns):
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
