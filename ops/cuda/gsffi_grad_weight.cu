@@ -4,9 +4,11 @@
 // summed over the whole batch inside one warp, so every weight gradient is written once, with no partial sums.
 // x is first transposed into scratch, x^T [H, B rounded up to 32, zero padded], so the gathered operand
 // (slot t -> row indices[g, t] of x^T) is a run of consecutive batch entries: 16-byte loads give the B
-// fragments directly. grad_y rows are loaded 2-16 labels wide and turned into A fragments by byte permutes
+// fragments directly. grad_y rows are taken 2-16 labels wide and turned into A fragments by byte permutes
 // (an A k pair spans two batch rows). A warp item is (group, label chunk, slot chunk), slot chunk fastest, so
-// the warps that share a group's grad_y run side by side and hit L1/L2.
+// the warps that share a group's grad_y run side by side and hit L1/L2. Where grad_y comes in whole 16-byte
+// pieces, each warp streams its operands through its own cp.async ring in shared memory (dw_mma_ring);
+// otherwise they are loaded straight into registers, two chunks ahead (dw_mma).
 //
 // The bias gradient, grad_b[l] = sum_b grad_y[b, l], can come out of the same pass: the warp that holds a
 // label chunk's grad_y fragments for slot chunk 0 adds one more mma per tile with an all-ones B operand, so
@@ -34,96 +36,232 @@ __global__ void transpose_pad(const uint16_t *__restrict__ x, uint16_t *__restri
 
 constexpr int kDwThreads = 256;
 
-// LW labels per lane load (label chunk = 8 LW labels, LW / 2 m16 tiles), NTW n8 tiles of slots.
+// A warp item of the tensor-core kernels: group g, label chunk lc (8 LW labels from l0), slot chunk sc (8 NTW
+// slots from s0); item index = (g * nlc + lc) * nsc + sc, slot chunk fastest.
+struct DwItem {
+  int64_t g, l0, lend;
+  int s0;
+  bool first_slots;  // sc == 0: this item's warp also sums the bias gradient of its labels
+};
+template <int LW, int NTW>
+__device__ __forceinline__ DwItem dw_item(int64_t item, int64_t L, int G, int nlc, int nsc) {
+  const int64_t g = item / (nlc * nsc);
+  const int rem = (int)(item - g * nlc * nsc), lc = rem / nsc, sc = rem - lc * nsc;
+  const int64_t lg = g * G;
+  return {g, lg + (int64_t)lc * 8 * LW, xmin<int64_t>(lg + G, L), sc * 8 * NTW, sc == 0};
+}
+
+// One 32-row batch chunk of grad_w_g += grad_y_g^T x_g (and of the bias row sums): dd[v] holds this lane's LW
+// labels (from LW r4) of batch row 8 q + v of the chunk, xx[nt] the 8 batch entries 8 q .. 8 q + 7 of slot
+// 8 nt + r4 (the k relabelling of gsffi_common.cuh).
+template <class T, int LW, int NTW>
+__device__ __forceinline__ void dw_chunk(float (&acc)[LW / 2][NTW][4], float (&accb)[LW / 2][4], const uint4 (&dd)[8],
+                                         const uint4 (&xx)[NTW], bool with_b) {
+  const uint32_t ones = pack2(T(), 1.f, 1.f);
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int mt = 0; mt < LW / 2; ++mt) {
+      // row m = r4 is label LW r4 + 2 mt (low halves), m + 8 the next label (high halves)
+      const uint32_t a[4] = {halves(word(dd[4 * s], mt), word(dd[4 * s + 1], mt), false),
+                             halves(word(dd[4 * s], mt), word(dd[4 * s + 1], mt), true),
+                             halves(word(dd[4 * s + 2], mt), word(dd[4 * s + 3], mt), false),
+                             halves(word(dd[4 * s + 2], mt), word(dd[4 * s + 3], mt), true)};
+#pragma unroll
+      for (int nt = 0; nt < NTW; ++nt) mma16816(T(), acc[mt][nt], a, word(xx[nt], 2 * s), word(xx[nt], 2 * s + 1));
+      if (with_b) mma16816(T(), accb[mt], a, ones, ones);
+    }
+}
+
+// Writes an item's weight gradient (and, with with_b, its labels' bias gradient) from the accumulators.
+template <class T, int LW, int NTW>
+__device__ __forceinline__ void dw_store(const float (&acc)[LW / 2][NTW][4], const float (&accb)[LW / 2][4],
+                                         const DwItem &it, int F, bool with_b, T *__restrict__ gw,
+                                         T *__restrict__ gb) {
+  const int lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
+  const int64_t lane_l = it.l0 + LW * r4;
+#pragma unroll
+  for (int mt = 0; mt < LW / 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NTW; ++nt) {
+      const int t = it.s0 + nt * 8 + 2 * q;
+      if (t >= F) continue;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int64_t l = lane_l + 2 * mt + hh;
+        if (l < it.lend)
+          *reinterpret_cast<uint32_t *>(gw + l * F + t) = pack2(T(), acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
+      }
+    }
+  if (with_b && q == 0) {
+#pragma unroll
+    for (int mt = 0; mt < LW / 2; ++mt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int64_t l = lane_l + 2 * mt + hh;
+        if (l < it.lend) put(gb + l, accb[mt][2 * hh]);
+      }
+  }
+}
+
+template <int LW, int NTW>
+__device__ __forceinline__ void dw_zero(float (&acc)[LW / 2][NTW][4], float (&accb)[LW / 2][4]) {
+#pragma unroll
+  for (int mt = 0; mt < LW / 2; ++mt) {
+    accb[mt][0] = accb[mt][1] = accb[mt][2] = accb[mt][3] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+  }
+}
+
+// LW labels per lane load (label chunk = 8 LW labels, LW / 2 m16 tiles), NTW n8 tiles of slots. The operands
+// come straight from global memory into registers, two chunks in flight per warp: the path for grad_y that
+// is not 16-byte aligned (dw_mma_ring below takes the rest).
 template <class T, int LW, int NTW>
 __global__ void __launch_bounds__(kDwThreads, 1)
     dw_mma(const T *__restrict__ dy, const T *__restrict__ xt, const int32_t *__restrict__ idx, T *__restrict__ gw,
            T *__restrict__ gb, int64_t B, int64_t Bp, int64_t L, int F, int G, int nlc, int nsc, int64_t n_items,
            bool dy_vec) {
-  constexpr int MT = LW / 2;
-  const uint32_t ones = pack2(T(), 1.f, 1.f);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
   const int64_t wstride = (int64_t)gridDim.x * (blockDim.x >> 5);
   for (int64_t item = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp; item < n_items; item += wstride) {
-    const int64_t g = item / (nlc * nsc);
-    const int rem = (int)(item - g * nlc * nsc), lc = rem / nsc, sc = rem - lc * nsc;
-    const int64_t lg = g * G, lend = xmin<int64_t>(lg + G, L);
-    const int64_t l0 = lg + (int64_t)lc * 8 * LW;
-    const int s0 = sc * 8 * NTW;
-    const int64_t lane_l = l0 + LW * r4;  // this lane's first label in grad_y loads
+    const DwItem it = dw_item<LW, NTW>(item, L, G, nlc, nsc);
+    const int64_t lane_l = it.l0 + LW * r4;  // this lane's first label in grad_y loads
     const T *xrow[NTW];
 #pragma unroll
     for (int nt = 0; nt < NTW; ++nt) {
-      const int t = s0 + nt * 8 + r4;
-      xrow[nt] = t < F ? xt + (int64_t)__ldg(idx + g * F + t) * Bp + 8 * q : nullptr;
+      const int t = it.s0 + nt * 8 + r4;
+      xrow[nt] = t < F ? xt + (int64_t)__ldg(idx + it.g * F + t) * Bp + 8 * q : nullptr;
     }
-    float acc[MT][NTW][4], accb[MT][4];  // accb: row sums of the grad_y tile (every column the same)
-    const bool with_b = gb != nullptr && sc == 0;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      accb[mt][0] = accb[mt][1] = accb[mt][2] = accb[mt][3] = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
-    }
+    float acc[LW / 2][NTW][4], accb[LW / 2][4];  // accb: row sums of the grad_y tile (every column the same)
+    const bool with_b = gb != nullptr && it.first_slots;
+    dw_zero<LW, NTW>(acc, accb);
 
     // Chunk kb + 32's loads are issued before chunk kb's arithmetic (two register stages), so each warp
     // keeps two chunks of grad_y and gathered x in flight: the kernel waited on load latency before.
     uint4 d[2][8], xv[2][NTW];
-    auto load_chunk = [&](uint4 dd[8], uint4 xx[NTW], int64_t kb) {
+    auto load_chunk = [&](uint4 (&dd)[8], uint4 (&xx)[NTW], int64_t kb) {
 #pragma unroll
       for (int v = 0; v < 8; ++v) {
         const int64_t b = kb + 8 * q + v;
-        dd[v] = b < B ? load_elems<LW>(dy + b * L + lane_l, lend - lane_l, dy_vec) : make_uint4(0, 0, 0, 0);
+        dd[v] = b < B ? load_elems<LW>(dy + b * L + lane_l, it.lend - lane_l, dy_vec) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int nt = 0; nt < NTW; ++nt)
         xx[nt] = xrow[nt] != nullptr && kb < B ? ldg16(xrow[nt] + kb) : make_uint4(0, 0, 0, 0);
     };
-    auto mma_chunk = [&](const uint4 dd[8], const uint4 xx[NTW]) {
-#pragma unroll
-      for (int s = 0; s < 2; ++s)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          // row m = r4 is label LW r4 + 2 mt (low halves), m + 8 the next label (high halves)
-          const uint32_t a[4] = {halves(word(dd[4 * s], mt), word(dd[4 * s + 1], mt), false),
-                                 halves(word(dd[4 * s], mt), word(dd[4 * s + 1], mt), true),
-                                 halves(word(dd[4 * s + 2], mt), word(dd[4 * s + 3], mt), false),
-                                 halves(word(dd[4 * s + 2], mt), word(dd[4 * s + 3], mt), true)};
-#pragma unroll
-          for (int nt = 0; nt < NTW; ++nt) mma16816(T(), acc[mt][nt], a, word(xx[nt], 2 * s), word(xx[nt], 2 * s + 1));
-          if (with_b) mma16816(T(), accb[mt], a, ones, ones);
-        }
-    };
     load_chunk(d[0], xv[0], 0);
     for (int64_t kb = 0; kb < B; kb += 64) {
       load_chunk(d[1], xv[1], kb + 32);
-      mma_chunk(d[0], xv[0]);
+      dw_chunk<T, LW, NTW>(acc, accb, d[0], xv[0], with_b);
       if (kb + 64 < B) load_chunk(d[0], xv[0], kb + 64);
-      if (kb + 32 < B) mma_chunk(d[1], xv[1]);
+      if (kb + 32 < B) dw_chunk<T, LW, NTW>(acc, accb, d[1], xv[1], with_b);
     }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NTW; ++nt) {
-        const int t = s0 + nt * 8 + 2 * q;
-        if (t >= F) continue;
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int64_t l = lane_l + 2 * mt + hh;
-          if (l < lend)
-            *reinterpret_cast<uint32_t *>(gw + l * F + t) = pack2(T(), acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
-        }
-      }
-    if (with_b && q == 0) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int64_t l = lane_l + 2 * mt + hh;
-          if (l < lend) put(gb + l, accb[mt][2 * hh]);
-        }
-    }
+    dw_store<T, LW, NTW>(acc, accb, it, F, with_b, gw, gb);
   }
+}
+
+// dw_mma with a ring of shared stages per warp: each warp streams its items' 32-row batch chunks (grad_y
+// 32 x 8 LW labels, then x^T 8 NTW slots x 32 batch entries) into its own NS stages with cp.async, NS - 1 chunks
+// ahead and straight on across its items, so the loads in flight no longer drain at every item's start and end
+// and cost no registers. Each lane reads back exactly the fragments dw_mma loads (same words, same k order),
+// so the two kernels agree bitwise. Needs grad_y rows and label groups in whole 16-byte pieces (L, G multiples
+// of 8, grad_y 16-byte aligned).
+//
+// A stage's grad_y row r (16 LW bytes) sits at row r ^ ((r >> 3) & (8 / LW - 1)): the 4 rows 8 q + v that one
+// fragment read takes then fall on different banks (2 LW-byte reads, 8 lanes per row). x^T rows are 64 bytes,
+// slot after slot: a fragment read is 512 contiguous bytes.
+template <int LW, int NTW>
+struct DwRing {
+  static constexpr int kDyBytes = 32 * 16 * LW, kStage = kDyBytes + 8 * NTW * 64;
+  static __device__ __forceinline__ int dy_row(int r) { return r ^ ((r >> 3) & (8 / LW - 1)); }
+};
+
+template <class T, int LW, int NTW, int NS>
+__global__ void __launch_bounds__(kDwThreads, 1)
+    dw_mma_ring(const T *__restrict__ dy, const T *__restrict__ xt, const int32_t *__restrict__ idx,
+                T *__restrict__ gw, T *__restrict__ gb, int64_t B, int64_t Bp, int64_t L, int F, int G, int nlc,
+                int nsc, int64_t n_items) {
+  using Ring = DwRing<LW, NTW>;
+  extern __shared__ __align__(16) unsigned char dw_stages[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
+  const int64_t wstride = (int64_t)gridDim.x * (kDwThreads / 32);
+  const int nkb = (int)((B + 31) / 32);
+  const uint32_t ring = (uint32_t)__cvta_generic_to_shared(dw_stages) + (uint32_t)(warp * NS * Ring::kStage);
+
+  // Copy side: chunk p_kb of item p_item goes to stage p_slot. This lane's grad_y pieces are rows
+  // lane / LW + (32 / LW) j of the chunk, labels 8 (lane % LW) .. + 7 of the item's; its x^T pieces are
+  // slots lane / 4 + 8 j of the item's, batch entries 8 (lane % 4) .. + 7 of the chunk.
+  int64_t p_item = (int64_t)blockIdx.x * (kDwThreads / 32) + warp;
+  int p_kb = 0, p_slot = 0, p_nlab = 0;
+  const T *p_dy = dy, *p_x[NTW];
+  auto start_item = [&]() {
+    if (p_item >= n_items) return;
+    const DwItem it = dw_item<LW, NTW>(p_item, L, G, nlc, nsc);
+    const int64_t l = it.l0 + 8 * (lane % LW);
+    p_nlab = (int)xmax<int64_t>(0, xmin<int64_t>(8, it.lend - l));
+    p_dy = dy + (lane / LW) * L + l;
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+      const int t = it.s0 + lane / 4 + 8 * j;
+      p_x[j] = t < F ? xt + (int64_t)__ldg(idx + it.g * F + t) * Bp + 8 * (lane & 3) : nullptr;
+    }
+  };
+  auto issue = [&]() {
+    if (p_item < n_items) {
+      const uint32_t sb = ring + (uint32_t)(p_slot * Ring::kStage);
+      const int64_t kb = (int64_t)p_kb * 32;
+#pragma unroll
+      for (int j = 0; j < LW; ++j) {
+        const int r = lane / LW + (32 / LW) * j;
+        const bool ok = kb + r < B && p_nlab > 0;
+        cp_async16(sb + Ring::dy_row(r) * 16 * LW + 16 * (lane % LW), ok ? p_dy + (kb + (32 / LW) * j) * L : dy,
+                   ok ? 2 * p_nlab : 0);
+      }
+#pragma unroll
+      for (int j = 0; j < NTW; ++j)
+        cp_async16(sb + Ring::kDyBytes + (lane / 4 + 8 * j) * 64 + 16 * (lane & 3), p_x[j] ? p_x[j] + kb : xt,
+                   p_x[j] ? 16 : 0);
+      if (++p_kb == nkb) {
+        p_kb = 0;
+        p_item += wstride;
+        start_item();
+      }
+    }
+    cp_async_commit();
+    p_slot = p_slot + 1 == NS ? 0 : p_slot + 1;
+  };
+
+  start_item();
+#pragma unroll
+  for (int k = 0; k < NS - 1; ++k) issue();
+  int slot = 0;
+  for (int64_t item = (int64_t)blockIdx.x * (kDwThreads / 32) + warp; item < n_items; item += wstride) {
+    const DwItem it = dw_item<LW, NTW>(item, L, G, nlc, nsc);
+    const bool with_b = gb != nullptr && it.first_slots;
+    float acc[LW / 2][NTW][4], accb[LW / 2][4];
+    dw_zero<LW, NTW>(acc, accb);
+    for (int kb = 0; kb < nkb; ++kb) {
+      cp_async_wait<NS - 2>();
+      __syncwarp();  // every lane's copies of this stage are in; every lane is done with the stage issue() refills
+      issue();
+      const uint32_t sb = ring + (uint32_t)(slot * Ring::kStage);
+      uint4 dd[8], xx[NTW];
+#pragma unroll
+      for (int v = 0; v < 8; ++v) {
+        const uint32_t a = sb + Ring::dy_row(8 * q + v) * 16 * LW + 2 * LW * r4;
+        if (LW == 8) dd[v] = lds_u32x4(a);
+        if (LW == 4) { const uint2 u = lds_u32x2(a); dd[v] = make_uint4(u.x, u.y, 0, 0); }
+        if (LW == 2) dd[v] = make_uint4((uint32_t)lds_i32(a), 0, 0, 0);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NTW; ++nt) xx[nt] = lds_u32x4(sb + Ring::kDyBytes + (8 * nt + r4) * 64 + 16 * q);
+      dw_chunk<T, LW, NTW>(acc, accb, dd, xx, with_b);
+      slot = slot + 1 == NS ? 0 : slot + 1;
+    }
+    dw_store<T, LW, NTW>(acc, accb, it, F, with_b, gw, gb);
+  }
+  cp_async_wait<0>();
 }
 
 // Bias gradient where the weight gradient has no tensor-core pass to share: one thread per label, l fastest.
@@ -180,19 +318,31 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int3
   transpose_pad<<<dim3((unsigned)((s.in_features + 31) / 32), (unsigned)(Bp / 32)), dim3(32, 8), 0, st>>>(
       (const uint16_t *)x, (uint16_t *)xt, s.batch, Bp, s.in_features);
   int rc = last_error();
-  if (rc == 0) {
+  const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
+  const int nlc = (int)((s.group_size + 8 * LW - 1) / (8 * LW));
+  const int nsc = (int)((s.fan_in + 8 * NTW - 1) / (8 * NTW));
+  const int64_t n_items = n_groups * nlc * nsc, warps = kDwThreads / 32;
+  auto blocks = [&](int per_sm) {
+    return xmin<int64_t>((int64_t)num_sms() * xmax(per_sm, 1), (n_items + warps - 1) / warps);
+  };
+  constexpr int kNs = 4;  // ring stages: 3 chunks in flight per warp, 160-192 KB per block
+  const size_t ring_smem = (size_t)warps * kNs * DwRing<LW, NTW>::kStage;
+  const bool ring_ok = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0 &&
+                       ring_smem <= (size_t)smem_optin();
+  if (rc == 0 && ring_ok) {
+    auto kernel = dw_mma_ring<T, LW, NTW, kNs>;
+    const int per_sm = prepare(kernel, kDwThreads, ring_smem);
+    kernel<<<(unsigned)blocks(per_sm), kDwThreads, ring_smem, st>>>((const T *)dy, xt, idx, (T *)gw, (T *)gb,
+                                                                    s.batch, Bp, s.out_features, (int)s.fan_in,
+                                                                    (int)s.group_size, nlc, nsc, n_items);
+    rc = last_error();
+  } else if (rc == 0) {
     auto kernel = dw_mma<T, LW, NTW>;
     const int per_sm = prepare(kernel, kDwThreads, 0);
-    const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
-    const int nlc = (int)((s.group_size + 8 * LW - 1) / (8 * LW));
-    const int nsc = (int)((s.fan_in + 8 * NTW - 1) / (8 * NTW));
-    const int64_t n_items = n_groups * nlc * nsc;
-    const int64_t warps = kDwThreads / 32;
-    const int64_t blocks = xmin<int64_t>((int64_t)num_sms() * xmax(per_sm, 1), (n_items + warps - 1) / warps);
     const bool dy_vec = s.out_features % LW == 0 && s.group_size % LW == 0 && (uintptr_t)dy % (2 * LW) == 0;
-    kernel<<<(unsigned)blocks, kDwThreads, 0, st>>>((const T *)dy, xt, idx, (T *)gw, (T *)gb, s.batch, Bp,
-                                                    s.out_features, (int)s.fan_in, (int)s.group_size, nlc, nsc,
-                                                    n_items, dy_vec);
+    kernel<<<(unsigned)blocks(per_sm), kDwThreads, 0, st>>>((const T *)dy, xt, idx, (T *)gw, (T *)gb, s.batch, Bp,
+                                                            s.out_features, (int)s.fan_in, (int)s.group_size, nlc,
+                                                            nsc, n_items, dy_vec);
     rc = last_error();
   }
   cudaFreeAsync(xt, st);
