@@ -270,6 +270,7 @@ constexpr int kGradLabels = kGradCols * 8;      // labels per grad_chunk block
 // bits[b * words + l / 32] bit l % 32: label c0 + l is a positive of row b (one warp per row).
 __global__ void mark_positives(const int64_t *indptr, const int64_t *labels, int64_t B, int64_t c0, int64_t nl,
                                int64_t words, uint32_t *bits) {
+  pdl_begin();  // launched with launch_pdl
   const int64_t b = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;
   for (int64_t p = indptr[b] + threadIdx.x % 32; p < indptr[b + 1]; p += 32) {
@@ -329,6 +330,7 @@ template <class T, xmc_loss KIND>
 __global__ void __launch_bounds__(kGradCols * kGradRows)
     grad_chunk(T *z, const uint32_t *bits, int64_t B, int64_t nl, int64_t words, float scale, float zscale,
                bool vec, double *block_loss, T *gb) {
+  pdl_begin();  // launched with launch_pdl
   __shared__ float bsum[kGradRows][kGradLabels];
   __shared__ double red[kGradCols * kGradRows];
   const int cx = threadIdx.x % kGradCols, ry = threadIdx.x / kGradCols;
@@ -367,8 +369,8 @@ template <class T>
 void launch_grad_chunk(unsigned nb, cudaStream_t st, xmc_loss kind, void *z, const void *bits, int64_t B,
                        int64_t nl, int64_t words, float scale, float zscale, bool vec, double *bl, void *gb) {
   auto k = kind == XMC_LOSS_BCE ? grad_chunk<T, XMC_LOSS_BCE> : grad_chunk<T, XMC_LOSS_SQUARED_HINGE>;
-  k<<<nb, kGradCols * kGradRows, 0, st>>>(static_cast<T *>(z), static_cast<const uint32_t *>(bits), B, nl, words,
-                                          scale, zscale, vec, bl, static_cast<T *>(gb));
+  launch_pdl(k, dim3(nb), dim3(kGradCols * kGradRows), 0, st, static_cast<T *>(z),
+             static_cast<const uint32_t *>(bits), B, nl, words, scale, zscale, vec, bl, static_cast<T *>(gb));
 }
 
 // out = acc * scale in the output dtype.
@@ -416,11 +418,12 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     // with an update, the chunk's weight gradient goes to scratch and is applied once grad_input has read wc
     void *gwc = gw ? static_cast<unsigned char *>(gw) + c0 * F * esz : gw_chunk;
     double *bl = static_cast<double *>(block_loss) + n_parts;
-    err = xmc_gsffi_forward_cuda(sc, dt, x, wc, ic, bc, buf, ex);
-    if (!err) err = (int)cudaMemsetAsync(bits, 0, (size_t)(B * words) * 4, st);
+    // the mask is cleared before the forward, so that kernels follow kernels (launch_pdl) up to the next chunk
+    err = (int)cudaMemsetAsync(bits, 0, (size_t)(B * words) * 4, st);
+    if (!err) err = xmc_gsffi_forward_cuda(sc, dt, x, wc, ic, bc, buf, ex);
     if (!err) {
-      mark_positives<<<(unsigned)((B + 7) / 8), 256, 0, st>>>(indptr, labels, B, c0, n, words,
-                                                               static_cast<uint32_t *>(bits));
+      launch_pdl(mark_positives, dim3((unsigned)((B + 7) / 8)), dim3(256), 0, st, indptr, labels, B, c0, n, words,
+                 static_cast<uint32_t *>(bits));
       err = last_error();
     }
     if (!err) {

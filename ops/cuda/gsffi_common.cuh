@@ -175,7 +175,7 @@ constexpr int kMaxDevices = 64;
 
 template <cudaDeviceAttr A>
 inline int device_attr() {
-  static std::atomic<int> cache[kMaxDevices];  // 0 until read: both attributes used here are positive
+  static std::atomic<int> cache[kMaxDevices];  // 0 until read: every attribute used here is positive
   const int dev = current_device();
   int v = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
   if (v == 0) {
@@ -186,6 +186,20 @@ inline int device_attr() {
 }
 inline int num_sms() { return device_attr<cudaDevAttrMultiProcessorCount>(); }
 inline int smem_optin() { return device_attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
+
+// Programmatic dependent launch (compute capability 9.0): a kernel launched with launch_pdl may be scheduled
+// while the kernel before it on the stream is finishing, instead of after a launch gap (~3 us each, ~100 kernels
+// per fused training step). Every kernel launched so calls pdl_begin() before it touches global memory: it
+// returns once the previous kernel has completed and its writes are visible, so the stream order holds as with
+// <<<>>>; then it lets the next kernel be scheduled as soon as every block of this one has started. On other
+// devices, and under a plain launch, it does nothing. In-run A/B on the H100 (2026-11-25): the fused training
+// step 6.34-6.37 -> 6.18-6.30 ms, bitwise the same results.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 // Raises a kernel's dynamic shared-memory limit (needed above 48 KB) and returns its blocks per SM (0 if the
 // launch cannot fit).
@@ -225,6 +239,24 @@ inline int prepare(K kernel, int threads, size_t smem) {
   std::lock_guard<std::mutex> lock(mu);
   blocks_of[key] = blocks;
   return blocks;
+}
+
+// kernel<<<grid, block, smem, st>>>(args...) with programmatic dependent launch where the device has it (see
+// pdl_begin); returns the launch's error.
+template <class... P, class... A>
+inline cudaError_t launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                              A &&...args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = device_attr<cudaDevAttrComputeCapabilityMajor>() >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 }
 
 // Scratch memory, stream-ordered (cudaMallocAsync / cudaFreeAsync), so the C API keeps the same signature on

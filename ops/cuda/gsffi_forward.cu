@@ -21,6 +21,7 @@ namespace {
 
 template <class T, int NW, int KC, int MODE>
 __global__ void __launch_bounds__(kFwdThreads, 1) fwd_mma(FwdArgs<T> a, const int *run_if) {
+  pdl_begin();  // launched with launch_pdl
   if (run_if != nullptr && *run_if == 0) return;
   extern __shared__ __align__(16) unsigned char smem[];
   fwd_mma_tile<T, NW, KC, MODE>(a, blockIdx.x, gridDim.x, smem);
@@ -79,7 +80,7 @@ int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *i
   const int64_t warps = kFwdThreads / 32;
   int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / a.nbt);
   chunks = xmin<int64_t>(chunks, (a.n_items + warps - 1) / warps);
-  kernel<<<(unsigned)(chunks * a.nbt), kFwdThreads, smem, st>>>(a, mode.run_if);
+  launch_pdl(kernel, dim3((unsigned)(chunks * a.nbt)), dim3(kFwdThreads), smem, st, a, mode.run_if);
   XMC_CHECK_LAUNCH();
   return 0;
 }

@@ -25,6 +25,7 @@ namespace {
 // ADD: out is a float accumulator that the sum is added to (the fused loss sums label chunks that way).
 template <class T, class A, bool ADD>
 __global__ void reduce_chunks(const A *__restrict__ part, int64_t chunks, int64_t n, T *__restrict__ out) {
+  pdl_begin();  // launched with launch_pdl
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
     A s = 0;
     for (int64_t c = 0; c < chunks; ++c) s += part[c * n + e];
@@ -45,6 +46,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dx_mma(const T *__restrict__ dy, const T *__restrict__ w, const int32_t *__restrict__ idx,
            float *__restrict__ part, int64_t B, int H, int64_t L, int F, int G, int64_t n_groups, int nbt, int hs,
            bool dy_vec, bool idx_vec) {
+  pdl_begin();  // launched with launch_pdl
   extern __shared__ __align__(16) float accs[];
   const int nwarps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
   const int BTB = nwarps * kDxRows;
@@ -204,6 +206,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dx_mma_staged(const T *__restrict__ dy, const T *__restrict__ w, const int32_t *__restrict__ idx,
                   float *__restrict__ part, int64_t B, int H, int64_t L, int F_arg, int G, int64_t n_groups, int nbt,
                   int R_arg, int ns, int stage_bytes, bool dy_vec) {
+  pdl_begin();  // launched with launch_pdl
   constexpr bool dy_ring = DYR;
   extern __shared__ __align__(16) float accs[];
   const int F = FT ? FT : F_arg, nthreads = NWT ? NWT * 32 : (int)blockDim.x;
@@ -415,9 +418,10 @@ template <class T, class A>
 int reduce(const A *part, int64_t chunks, int64_t n, DxOut gx, cudaStream_t st) {
   const int64_t blocks = xmin<int64_t>((n + 255) / 256, (int64_t)num_sms() * 16);
   if (gx.add_f32)
-    reduce_chunks<float, A, true><<<(unsigned)blocks, 256, 0, st>>>(part, chunks, n, (float *)gx.ptr);
+    launch_pdl(reduce_chunks<float, A, true>, dim3((unsigned)blocks), dim3(256), 0, st, part, chunks, n,
+               (float *)gx.ptr);
   else
-    reduce_chunks<T, A, false><<<(unsigned)blocks, 256, 0, st>>>(part, chunks, n, (T *)gx.ptr);
+    launch_pdl(reduce_chunks<T, A, false>, dim3((unsigned)blocks), dim3(256), 0, st, part, chunks, n, (T *)gx.ptr);
   XMC_CHECK_LAUNCH();
   return 0;
 }
@@ -473,9 +477,9 @@ int grad_input_tc(xmc_gsffi_shape s, const void *dy, const void *w, const int32_
   const int nbt = (int)((s.batch + rows - 1) / rows);
   const int64_t chunks = mma_chunks(per_sm, nbt, n_groups);
   return with_partials<T, float>(s, chunks, false, gx, st, [&](float *part) {
-    kernel<<<(unsigned)(chunks * nbt), nwarps * 32, smem, st>>>((const T *)dy, (const T *)w, idx, part, s.batch,
-                                                                (int)s.in_features, s.out_features, (int)s.fan_in,
-                                                                (int)s.group_size, n_groups, nbt, hs, tail...);
+    launch_pdl(kernel, dim3((unsigned)(chunks * nbt)), dim3(nwarps * 32), smem, st, (const T *)dy, (const T *)w, idx,
+               part, s.batch, (int)s.in_features, s.out_features, (int)s.fan_in, (int)s.group_size, n_groups, nbt,
+               hs, tail...);
   });
 }
 

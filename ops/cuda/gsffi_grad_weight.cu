@@ -21,6 +21,7 @@ namespace {
 // 16-bit elements moved as raw bits.
 __global__ void transpose_pad(const uint16_t *__restrict__ x, uint16_t *__restrict__ xt, int64_t B, int64_t Bp,
                               int64_t H) {
+  pdl_begin();  // launched with launch_pdl
   __shared__ uint16_t tile[32][33];
   const int64_t h0 = blockIdx.x * 32LL, b0 = blockIdx.y * 32LL;
   for (int i = threadIdx.y; i < 32; i += blockDim.y) {
@@ -122,6 +123,7 @@ __global__ void __launch_bounds__(kDwThreads, 1)
     dw_mma(const T *__restrict__ dy, const T *__restrict__ xt, const int32_t *__restrict__ idx, T *__restrict__ gw,
            T *__restrict__ gb, int64_t B, int64_t Bp, int64_t L, int F, int G, int nlc, int nsc, int64_t n_items,
            bool dy_vec) {
+  pdl_begin();  // launched with launch_pdl
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
   const int64_t wstride = (int64_t)gridDim.x * (blockDim.x >> 5);
   for (int64_t item = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp; item < n_items; item += wstride) {
@@ -182,6 +184,7 @@ __global__ void __launch_bounds__(kDwThreads, 1)
     dw_mma_ring(const T *__restrict__ dy, const T *__restrict__ xt, const int32_t *__restrict__ idx,
                 T *__restrict__ gw, T *__restrict__ gb, int64_t B, int64_t Bp, int64_t L, int F, int G, int nlc,
                 int nsc, int64_t n_items) {
+  pdl_begin();  // launched with launch_pdl
   using Ring = DwRing<LW, NTW>;
   extern __shared__ __align__(16) unsigned char dw_stages[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
@@ -315,8 +318,8 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int3
     cudaGetLastError();
     return XMC_ERR_NOMEM;
   }
-  transpose_pad<<<dim3((unsigned)((s.in_features + 31) / 32), (unsigned)(Bp / 32)), dim3(32, 8), 0, st>>>(
-      (const uint16_t *)x, (uint16_t *)xt, s.batch, Bp, s.in_features);
+  launch_pdl(transpose_pad, dim3((unsigned)((s.in_features + 31) / 32), (unsigned)(Bp / 32)), dim3(32, 8), 0, st,
+             (const uint16_t *)x, (uint16_t *)xt, s.batch, Bp, s.in_features);
   int rc = last_error();
   const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
   const int nlc = (int)((s.group_size + 8 * LW - 1) / (8 * LW));
@@ -332,17 +335,17 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int3
   if (rc == 0 && ring_ok) {
     auto kernel = dw_mma_ring<T, LW, NTW, kNs>;
     const int per_sm = prepare(kernel, kDwThreads, ring_smem);
-    kernel<<<(unsigned)blocks(per_sm), kDwThreads, ring_smem, st>>>((const T *)dy, xt, idx, (T *)gw, (T *)gb,
-                                                                    s.batch, Bp, s.out_features, (int)s.fan_in,
-                                                                    (int)s.group_size, nlc, nsc, n_items);
+    launch_pdl(kernel, dim3((unsigned)blocks(per_sm)), dim3(kDwThreads), ring_smem, st, (const T *)dy,
+               (const T *)xt, idx, (T *)gw, (T *)gb, s.batch, Bp, s.out_features, (int)s.fan_in, (int)s.group_size,
+               nlc, nsc, n_items);
     rc = last_error();
   } else if (rc == 0) {
     auto kernel = dw_mma<T, LW, NTW>;
     const int per_sm = prepare(kernel, kDwThreads, 0);
     const bool dy_vec = s.out_features % LW == 0 && s.group_size % LW == 0 && (uintptr_t)dy % (2 * LW) == 0;
-    kernel<<<(unsigned)blocks(per_sm), kDwThreads, 0, st>>>((const T *)dy, xt, idx, (T *)gw, (T *)gb, s.batch, Bp,
-                                                            s.out_features, (int)s.fan_in, (int)s.group_size, nlc,
-                                                            nsc, n_items, dy_vec);
+    launch_pdl(kernel, dim3((unsigned)blocks(per_sm)), dim3(kDwThreads), 0, st, (const T *)dy, (const T *)xt, idx,
+               (T *)gw, (T *)gb, s.batch, Bp, s.out_features, (int)s.fan_in, (int)s.group_size, nlc, nsc, n_items,
+               dy_vec);
     rc = last_error();
   }
   cudaFreeAsync(xt, st);

@@ -15,6 +15,7 @@ constexpr int kThreads = 256;
 template <bool BF16>
 __global__ void __launch_bounds__(kThreads)
     sgd_sr_kernel(int64_t n, void *param, void *momentum_buf, const void *grad, xmc_sgd_sr_args a, bool vec) {
+  pdl_begin();  // launched with launch_pdl
   using E = std::conditional_t<BF16, uint16_t, float>;
   constexpr int V = 16 / sizeof(E);
   const bool has_buf = momentum_buf != nullptr && a.momentum != 0.0f;
@@ -56,8 +57,9 @@ extern "C" int xmc_sgd_sr_cuda(int64_t n, xmc_dtype dt, void *param, void *momen
   const int64_t per_block = (int64_t)kThreads * 8;
   const unsigned blocks = (unsigned)xmin<int64_t>((n + per_block - 1) / per_block, (int64_t)num_sms() * 16);
   if (dt == XMC_BF16)
-    sgd_sr_kernel<true><<<blocks, kThreads, 0, ex.stream>>>(n, param, momentum_buf, grad, a, vec);
+    launch_pdl(sgd_sr_kernel<true>, dim3(blocks), dim3(kThreads), 0, ex.stream, n, param, momentum_buf, grad, a, vec);
   else
-    sgd_sr_kernel<false><<<blocks, kThreads, 0, ex.stream>>>(n, param, momentum_buf, grad, a, vec);
+    launch_pdl(sgd_sr_kernel<false>, dim3(blocks), dim3(kThreads), 0, ex.stream, n, param, momentum_buf, grad, a,
+               vec);
   return last_error();
 }
