@@ -453,18 +453,11 @@ bool coop_launch(xmc_gsffi_shape s, int BT, const void *x, const void *w, const 
   a.L = s.out_features;
   const int64_t grid = (int64_t)num_sms() * per_sm / a.nbt * a.nbt;  // whole batch tiles, all co-resident
   if (grid < a.nbt) return false;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)grid);
-  cfg.blockDim = dim3(kFwdThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  *err = (int)cudaLaunchKernelEx(&cfg, kernel, a, nl, S, k, merge_n, hs, hi, hn, static_cast<T *>(scores), ids,
-                                 run_if);
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeCooperative;
+  attr.val.cooperative = 1;
+  *err = (int)launch_ex(attr, true, kernel, dim3((unsigned)grid), dim3(kFwdThreads), smem, st, a, nl, S, k, merge_n,
+                        hs, hi, hn, static_cast<T *>(scores), ids, run_if);
   return true;
 }
 

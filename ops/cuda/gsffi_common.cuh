@@ -241,22 +241,29 @@ inline int prepare(K kernel, int threads, size_t smem) {
   return blocks;
 }
 
-// kernel<<<grid, block, smem, st>>>(args...) with programmatic dependent launch where the device has it (see
-// pdl_begin); returns the launch's error.
+// kernel<<<grid, block, smem, st>>>(args...) with one launch attribute, where `apply`; returns the launch's error.
 template <class... P, class... A>
-inline cudaError_t launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
-                              A &&...args) {
+inline cudaError_t launch_ex(cudaLaunchAttribute attr, bool apply, void (*kernel)(P...), dim3 grid, dim3 block,
+                             size_t smem, cudaStream_t st, A &&...args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = device_attr<cudaDevAttrComputeCapabilityMajor>() >= 9 ? 1 : 0;
+  cfg.attrs = &attr;
+  cfg.numAttrs = apply ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+}
+
+// launch_ex with programmatic dependent launch where the device has it (see pdl_begin).
+template <class... P, class... A>
+inline cudaError_t launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                              A &&...args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  return launch_ex(attr, device_attr<cudaDevAttrComputeCapabilityMajor>() >= 9, kernel, grid, block, smem, st,
+                   std::forward<A>(args)...);
 }
 
 // Scratch memory, stream-ordered (cudaMallocAsync / cudaFreeAsync), so the C API keeps the same signature on
