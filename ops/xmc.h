@@ -85,6 +85,8 @@ int xmc_gsffi_grad_input_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_
                               const int32_t *indices, void *grad_x, xmc_exec ex);
 int xmc_gsffi_grad_weight_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
                                const int32_t *indices, void *grad_weight, xmc_exec ex);
+/* The weight gradient and, where grad_bias is not NULL, the bias gradient (grad_bias[l] = sum_b grad_y[b, l]) from
+ * the same pass over grad_y; grad_weight NULL: the bias gradient alone. */
 int xmc_gsffi_grad_weight_bias_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
                                     const int32_t *indices, void *grad_weight, void *grad_bias, xmc_exec ex);
 /* Text for a nonzero code returned by a CUDA launcher. */

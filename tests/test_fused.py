@@ -147,12 +147,13 @@ def test_bfloat16_loss_within_twice_pytorch_error(shape, loss, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
 @pytest.mark.parametrize("reduction", ["batchmean", "mean"])
-@pytest.mark.parametrize("F, G", [(16, 18), (128, 32)])
+@pytest.mark.parametrize("F, G", [(16, 18), (128, 32), (12, 8)])
 def test_16_bit_loss_over_label_chunks(dtype, loss, reduction, F, G, device, monkeypatch):
     """CUDA's 16-bit path runs the layer's kernels one label chunk at a time: with 1 MB chunks this shape takes
-    5 chunks, the last one partial (G = 18: chunks of whole 8-label units of groups; F = 128 with B >= 64: the
-    grad_input kernel specialised for that fan-in). fp16 with reduction "mean" (scale 1 / (B L)) checks that the
-    scaled gradients do not flush to zero."""
+    5 chunks, the last one partial (G = 18: chunks of whole 8-label units of groups, so a row's 8 labels can
+    straddle two words of the positives' mask; F = 128 with B >= 64: the grad_input kernel specialised for that
+    fan-in; F = 12: the generic forward, then a separate pass for the loss gradients). fp16 with reduction
+    "mean" (scale 1 / (B L)) checks that the scaled gradients do not flush to zero."""
     if device == "cpu":
         pytest.skip("the label-chunked 16-bit path is CUDA's")
     monkeypatch.setenv("XMC_FUSED_CHUNK_MB", "1")
@@ -174,6 +175,31 @@ def test_16_bit_loss_over_label_chunks(dtype, loss, reduction, F, G, device, mon
         assert o.dtype == dtype and torch.isfinite(o).all() and r.abs().max() > 0
         assert rel_err(o, r) <= 2 * rel_err(t, r) + 1e-2
     assert (ours[2] != 0).float().mean() > 0.9  # the weight gradient did not underflow
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("F, G", [(16, 18), (12, 8)])
+def test_16_bit_gradients_asked_alone(dtype, F, G, device, monkeypatch):
+    """Each output of the 16-bit chunked path asked alone is the one asked with the others: bitwise, but for the
+    bias gradient, which comes from the weight gradient's pass, or alone from a pass of its own (the same sums in
+    another order: within one rounding of the dtype). B = 200: two batch tiles of the forward, whose blocks sum
+    the loss separately."""
+    if device == "cpu":
+        pytest.skip("the label-chunked 16-bit path is CUDA's")
+    monkeypatch.setenv("XMC_FUSED_CHUNK_MB", "4")
+    B, H, L = 200, 192, 30000
+    x, w, idx, b = make(B, H, L, F, G, device, dtype)
+    indptr, labels = random_targets(B, L, device, max_pos=40)
+    full = LOSS(x, w, idx, b, G, indptr, labels, [True, True, True], "bce", "batchmean")
+    assert all(torch.isfinite(t).all() and t.abs().max() > 0 for t in full)
+    for i in range(3):
+        alone = LOSS(x, w, idx, b, G, indptr, labels, [j == i for j in range(3)], "bce", "batchmean")
+        assert torch.equal(alone[0], full[0])
+        if i < 2:
+            assert torch.equal(alone[i + 1], full[i + 1])
+        else:
+            ulp = torch.finfo(dtype).eps
+            torch.testing.assert_close(alone[3], full[3], rtol=ulp, atol=ulp * full[3].abs().max().item())
 
 
 @pytest.mark.parametrize("shape", [(3, 11, 13, 4, 3), (1, 6, 5, 6, 2), (4, 9, 70, 3, 70)])

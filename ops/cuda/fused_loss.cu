@@ -9,36 +9,11 @@
 //             written as the chunk's partial sum; dx_reduce adds the chunks in order.
 //   loss_sum  adds the label blocks' loss in order.
 #include "fused_common.cuh"
+#include "loss_term.cuh"
 
 namespace xmc_cuda {
 namespace fused {
 namespace {
-
-// Loss of one logit z with target pos, and its gradient in *grad (BCE with logits or squared hinge).
-template <class A>
-__device__ __forceinline__ A loss_term(xmc_loss kind, A z, bool pos, A *grad) {
-  if (kind == XMC_LOSS_BCE) {
-    const A e = exp(-fabs(z)), r = A(1) / (A(1) + e);
-    const A sig = z >= 0 ? r : e * r, one_minus_sig = z >= 0 ? e * r : r;
-    *grad = pos ? -one_minus_sig : sig;
-    return xmax(pos ? -z : z, A(0)) + log1p(e);
-  }
-  const A s = pos ? A(1) : A(-1), m = xmax(A(1) - s * z, A(0));
-  *grad = A(-2) * s * m;
-  return m * m;
-}
-
-// loss_term in float from 16-bit logits, with the fast exp / reciprocal / log units (their relative error,
-// ~1e-6, is far below the logits' own bf16 / fp16 rounding); log(1 + e) takes e itself where 1 + e rounds.
-__device__ __forceinline__ float loss_term_fast(xmc_loss kind, float z, bool pos, float *grad) {
-  if (kind == XMC_LOSS_BCE) {
-    const float e = __expf(-fabsf(z)), r = __fdividef(1.f, 1.f + e);
-    const float sig = z >= 0 ? r : e * r, one_minus_sig = z >= 0 ? e * r : r;
-    *grad = pos ? -one_minus_sig : sig;
-    return fmaxf(pos ? -z : z, 0.f) + (e < 1e-4f ? e : __logf(1.f + e));
-  }
-  return loss_term(kind, z, pos, grad);
-}
 
 // bits[l * 2 + r / 32] bit r % 32: (b0 + r, l0 + l) is a positive. Duplicates set the same bit.
 __device__ void positive_bits(const int64_t *indptr, const int64_t *labels, int64_t l0, int nl, int64_t b0, int rt,
@@ -255,11 +230,12 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
 //
 // The labels are cut into chunks of nl labels (whole groups, chunk_labels()) whose logits [B, nl] go to one
 // scratch buffer. Per chunk:
-//   forward (gsffi_forward.cu)     writes the chunk's logits into the buffer;
 //   mark_positives                  sets the chunk's positives in a bit mask [B, nl / 32];
-//   grad_chunk                      turns every logit into scale * d loss / d logit in place, sums the bias
-//                                   gradient of its columns over the batch and its loss terms in a fixed order;
-//   grad_weight (gsffi_grad_weight.cu) writes the chunk's weight gradient from the buffer;
+//   forward_loss_grad (gsffi_forward.cu) writes scale * d loss / d logit of the chunk's logits into the buffer
+//                                   and sums its loss terms per block, in a fixed order; where the forward
+//                                   takes its generic kernel, the plain forward writes the logits and
+//                                   grad_chunk turns them into the same gradients in place;
+//   grad_weight (gsffi_grad_weight.cu) writes the chunk's weight and bias gradients from the buffer;
 //   grad_input_add_f32 (gsffi_grad_input.cu) adds the chunk's input gradient into an fp32 [B, H] accumulator.
 // Nothing is [B, L]; everything is deterministic (the OR of the mask is idempotent, every sum has a fixed order).
 
@@ -283,8 +259,7 @@ __global__ void mark_positives(const int64_t *indptr, const int64_t *labels, int
 // FULL: all 8 labels exist and the row is 16-byte aligned (no guards).
 template <class T, xmc_loss KIND, bool FULL>
 __device__ __forceinline__ void grad_rows(T *z, const uint32_t *bits, int64_t B, int64_t nl, int64_t words,
-                                          int64_t b0, int64_t l0, int nv, float scale, float zscale,
-                                          float bias[8], float &loss) {
+                                          int64_t b0, int64_t l0, int nv, float zscale, float &loss) {
   constexpr int U = 4;  // rows in flight per thread
   uint4 raw[U];
   uint32_t pos[U];
@@ -303,20 +278,12 @@ __device__ __forceinline__ void grad_rows(T *z, const uint32_t *bits, int64_t B,
   for (int u = 0; u < U; ++u) {
     const int64_t b = b0 + u * kGradRows;
     if (b >= B) break;
-    T *e = reinterpret_cast<T *>(&raw[u]);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (FULL || j < nv) {
-        float g;
-        loss += loss_term_fast(KIND, to_acc(e[j]), (pos[u] >> j) & 1u, &g);
-        bias[j] += g * scale;
-        put(e + j, g * zscale);
-      }
-    }
+    const uint4 g = loss_grad8<T, KIND>(raw[u], pos[u], FULL ? 8 : nv, zscale, loss);
     T *zr = z + b * nl + l0;
     if (FULL) {
-      *reinterpret_cast<uint4 *>(zr) = raw[u];
+      *reinterpret_cast<uint4 *>(zr) = g;
     } else {
+      const T *e = reinterpret_cast<const T *>(&g);
 #pragma unroll
       for (int j = 0; j < 8; ++j)
         if (j < nv) zr[j] = e[j];
@@ -325,39 +292,29 @@ __device__ __forceinline__ void grad_rows(T *z, const uint32_t *bits, int64_t B,
 }
 
 // Block: labels l0 .. l0 + 255 of the chunk, all rows. Thread (cx, ry) takes labels l0 + 8 cx .. + 7 on rows
-// ry, ry + 8, ...; the block adds its row slices in order for the bias gradient and its loss in double.
+// ry, ry + 8, ...; the block adds its loss in double in a fixed order. (The path for shapes whose forward takes
+// the generic kernel; the tensor-core forward does this in its loss-gradient mode.)
 template <class T, xmc_loss KIND>
 __global__ void __launch_bounds__(kGradCols * kGradRows)
-    grad_chunk(T *z, const uint32_t *bits, int64_t B, int64_t nl, int64_t words, float scale, float zscale,
-               bool vec, double *block_loss, T *gb) {
+    grad_chunk(T *z, const uint32_t *bits, int64_t B, int64_t nl, int64_t words, float zscale, bool vec,
+               double *block_loss) {
   pdl_begin();  // launched with launch_pdl
-  __shared__ float bsum[kGradRows][kGradLabels];
   __shared__ double red[kGradCols * kGradRows];
   const int cx = threadIdx.x % kGradCols, ry = threadIdx.x / kGradCols;
   const int64_t l0 = (int64_t)blockIdx.x * kGradLabels + 8 * cx;
-  float bias[8] = {0, 0, 0, 0, 0, 0, 0, 0}, loss = 0;
+  float loss = 0;
   if (l0 < nl) {
     const int nv = (int)xmin<int64_t>(8, nl - l0);
     if (vec && nv == 8) {
       for (int64_t b0 = ry; b0 < B; b0 += 4 * kGradRows)
-        grad_rows<T, KIND, true>(z, bits, B, nl, words, b0, l0, 8, scale, zscale, bias, loss);
+        grad_rows<T, KIND, true>(z, bits, B, nl, words, b0, l0, 8, zscale, loss);
     } else {
       for (int64_t b0 = ry; b0 < B; b0 += 4 * kGradRows)
-        grad_rows<T, KIND, false>(z, bits, B, nl, words, b0, l0, nv, scale, zscale, bias, loss);
+        grad_rows<T, KIND, false>(z, bits, B, nl, words, b0, l0, nv, zscale, loss);
     }
   }
-#pragma unroll
-  for (int j = 0; j < 8; ++j) bsum[ry][8 * cx + j] = bias[j];
   red[threadIdx.x] = loss;
   __syncthreads();
-  for (int e = threadIdx.x; e < kGradLabels; e += blockDim.x) {
-    const int64_t l = (int64_t)blockIdx.x * kGradLabels + e;
-    if (gb && l < nl) {
-      float v = 0;
-      for (int r = 0; r < kGradRows; ++r) v += bsum[r][e];
-      put(gb + l, v);
-    }
-  }
   for (int n = blockDim.x / 2; n > 0; n /= 2) {
     if ((int)threadIdx.x < n) red[threadIdx.x] += red[threadIdx.x + n];
     __syncthreads();
@@ -367,10 +324,10 @@ __global__ void __launch_bounds__(kGradCols * kGradRows)
 
 template <class T>
 void launch_grad_chunk(unsigned nb, cudaStream_t st, xmc_loss kind, void *z, const void *bits, int64_t B,
-                       int64_t nl, int64_t words, float scale, float zscale, bool vec, double *bl, void *gb) {
+                       int64_t nl, int64_t words, float zscale, bool vec, double *bl) {
   auto k = kind == XMC_LOSS_BCE ? grad_chunk<T, XMC_LOSS_BCE> : grad_chunk<T, XMC_LOSS_SQUARED_HINGE>;
   launch_pdl(k, dim3(nb), dim3(kGradCols * kGradRows), 0, st, static_cast<T *>(z),
-             static_cast<const uint32_t *>(bits), B, nl, words, scale, zscale, vec, bl, static_cast<T *>(gb));
+             static_cast<const uint32_t *>(bits), B, nl, words, zscale, vec, bl);
 }
 
 // out = acc * scale in the output dtype.
@@ -393,7 +350,8 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
   const int64_t B = s.batch, H = s.in_features, L = s.out_features, F = s.fan_in, G = s.group_size;
   const int64_t nl = chunk_labels(s);
   const int64_t n_chunks = (L + nl - 1) / nl, words = (nl + 31) / 32;
-  const int64_t parts_per_chunk = (nl + kGradLabels - 1) / kGradLabels;  // loss partial sums: grad_chunk blocks
+  // loss partial sums per chunk: the loss-gradient forward's blocks, or grad_chunk's; the unused ones stay zero
+  const int64_t parts_per_chunk = xmax<int64_t>(forward_loss_parts(), (nl + kGradLabels - 1) / kGradLabels);
   // The buffer holds scale * d loss / d logit in bf16 (fp32's exponent range); in fp16 it holds the unscaled
   // gradient (|.| <= 1 for BCE), since scales like 1 / (B L) would flush it to zero, and the products are scaled.
   const float zscale = dt == XMC_BF16 ? (float)scale : 1.f, post = dt == XMC_BF16 ? 1.f : (float)scale;
@@ -405,9 +363,9 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
                                 {&acc, gx ? (size_t)(B * H) * sizeof(float) : 0},
                                 {&gw_chunk, upd ? (size_t)(nl * F) * 2 : 0}},
                                st);
+  if (!err) err = (int)cudaMemsetAsync(block_loss, 0, (size_t)(n_chunks * parts_per_chunk) * sizeof(double), st);
   if (!err && gx) err = (int)cudaMemsetAsync(acc, 0, (size_t)(B * H) * sizeof(float), st);
   const int64_t esz = 2;
-  int64_t n_parts = 0;
   for (int64_t c0 = 0; !err && c0 < L; c0 += nl) {
     const int64_t n = xmin<int64_t>(nl, L - c0), g0 = c0 / G;
     const xmc_gsffi_shape sc = {B, H, n, F, G};
@@ -417,28 +375,31 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     void *gbc = gb ? static_cast<unsigned char *>(gb) + c0 * esz : nullptr;
     // with an update, the chunk's weight gradient goes to scratch and is applied once grad_input has read wc
     void *gwc = gw ? static_cast<unsigned char *>(gw) + c0 * F * esz : gw_chunk;
-    double *bl = static_cast<double *>(block_loss) + n_parts;
-    // the mask is cleared before the forward, so that kernels follow kernels (launch_pdl) up to the next chunk
+    double *bl = static_cast<double *>(block_loss) + (c0 / nl) * parts_per_chunk;
     err = (int)cudaMemsetAsync(bits, 0, (size_t)(B * words) * 4, st);
-    if (!err) err = xmc_gsffi_forward_cuda(sc, dt, x, wc, ic, bc, buf, ex);
     if (!err) {
       launch_pdl(mark_positives, dim3((unsigned)((B + 7) / 8)), dim3(256), 0, st, indptr, labels, B, c0, n, words,
                  static_cast<uint32_t *>(bits));
       err = last_error();
     }
-    if (!err) {
+    if (!err && filter_applies(sc, wc)) {
+      err = forward_loss_grad(sc, dt, x, wc, ic, bc, buf,
+                              {static_cast<const uint32_t *>(bits), words, zscale, kind, bl}, st);
+    } else if (!err) {
+      err = xmc_gsffi_forward_cuda(sc, dt, x, wc, ic, bc, buf, ex);
       const unsigned nb = (unsigned)((n + kGradLabels - 1) / kGradLabels);
       const bool vec = n % 8 == 0 && (uintptr_t)buf % 16 == 0;
-      n_parts += nb;
-      if (dt == XMC_BF16)
-        launch_grad_chunk<__nv_bfloat16>(nb, st, kind, buf, bits, B, n, words, (float)scale, zscale, vec, bl, gbc);
-      else
-        launch_grad_chunk<__half>(nb, st, kind, buf, bits, B, n, words, (float)scale, zscale, vec, bl, gbc);
-      err = last_error();
+      auto launch = dt == XMC_BF16 ? launch_grad_chunk<__nv_bfloat16> : launch_grad_chunk<__half>;
+      if (!err) launch(nb, st, kind, buf, bits, B, n, words, zscale, vec, bl);
+      if (!err) err = last_error();
     }
-    if (!err && gwc) err = xmc_gsffi_grad_weight_cuda(sc, dt, buf, x, ic, gwc, ex);
+    if (!err) err = xmc_gsffi_grad_weight_bias_cuda(sc, dt, buf, x, ic, gwc, gbc, ex);
     if (!err && gw && post != 1.f) {
       scale_half<<<(unsigned)((n * F + 255) / 256), 256, 0, st>>>(static_cast<__half *>(gwc), n * F, post);
+      err = last_error();
+    }
+    if (!err && gbc && post != 1.f) {
+      scale_half<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(static_cast<__half *>(gbc), n, post);
       err = last_error();
     }
     if (!err && gx) err = grad_input_add_f32(sc, dt, buf, wc, ic, static_cast<float *>(acc), st);
@@ -450,7 +411,8 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     }
   }
   if (!err) {
-    loss_sum_kernel<<<1, THREADS, 0, st>>>(n_parts, static_cast<double *>(block_loss), scale, loss_out);
+    loss_sum_kernel<<<1, THREADS, 0, st>>>(n_chunks * parts_per_chunk, static_cast<double *>(block_loss), scale,
+                                           loss_out);
     err = last_error();
   }
   if (!err && gx) {

@@ -49,6 +49,14 @@ __device__ __forceinline__ uint32_t pack2(__half, float lo, float hi) {
   return *reinterpret_cast<uint32_t *>(&v);
 }
 
+// The two 16-bit values of a word (low first) as floats.
+__device__ __forceinline__ float2 unpack2(__nv_bfloat16, uint32_t v) {
+  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+}
+__device__ __forceinline__ float2 unpack2(__half, uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2 *>(&v));
+}
+
 // D += A * B, m16n8k16, fp32 accumulators.
 __device__ __forceinline__ void mma16816(__nv_bfloat16, float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -334,6 +342,20 @@ int forward_filter(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w
 int64_t forward_chunks(xmc_gsffi_shape s);
 int forward_chunk_max(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                       const void *bias, uint16_t *keys, cudaStream_t st);
+// The forward's loss-gradient mode (the fused loss; tensor-core shapes, filter_applies): every logit v (as stored
+// in the dtype) of row b and label l is replaced in y by zscale * d loss(v, positive) / d v, positive being bit
+// l % 32 of bits[b * words + l / 32], and block i of the launch writes the sum of its loss terms to part[i]
+// (part[i] for i >= the launch's block count is left alone: at most forward_loss_parts() blocks).
+struct FwdLoss {
+  const uint32_t *bits;
+  int64_t words;
+  float zscale;
+  xmc_loss kind;
+  double *part;
+};
+int64_t forward_loss_parts();
+int forward_loss_grad(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
+                      const void *bias, void *y, FwdLoss lg, cudaStream_t st);
 // The bf16 / fp16 forward (tensor-core shapes, filter_applies) that returns at once unless *run_if != 0.
 int forward_gated(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                   const void *bias, void *y, const int *run_if, cudaStream_t st);

@@ -11,9 +11,12 @@
 // Filter mode (forward_filter, for the fused top-k): no output; each logit, rounded to the dtype, that is not
 // below its row's threshold is appended to the row's candidate list (an atomic count per row, so the order of a
 // list is not fixed, only its set). Chunk-maximum mode (forward_chunk_max, the top-k's sample): per row, each
-// work item's largest logit as a 16-bit key. Gated mode (forward_gated): the kernel returns at once unless
-// *run_if. The per-block work (fwd_mma_tile) is in gsffi_forward_tile.cuh, shared with the top-k's cooperative
-// exact pass; this file holds the kernel and its launchers.
+// work item's largest logit as a 16-bit key. Loss-gradient mode (forward_loss_grad, the fused loss): each
+// logit, rounded to the dtype, is replaced by its scaled loss gradient as it leaves the staging tile, and each
+// block sums its loss terms (this takes the place of a separate pass that read and wrote every logit again).
+// Gated mode (forward_gated): the kernel returns at once unless *run_if. The per-block work (fwd_mma_tile) is
+// in gsffi_forward_tile.cuh, shared with the top-k's cooperative exact pass; this file holds the kernel and its
+// launchers.
 #include "gsffi_forward_tile.cuh"
 
 namespace xmc_cuda {
@@ -57,13 +60,16 @@ int launch_generic(xmc_gsffi_shape s, const void *x, const void *w, const int32_
   return 0;
 }
 
-// Optional parts of a tensor-core forward launch: the gate, and instead of the logits, filter mode (flt.tau set)
-// or chunk-maximum mode (chunk_keys set).
+// Optional parts of a tensor-core forward launch: the gate, and instead of the logits, filter mode (flt.tau set),
+// chunk-maximum mode (chunk_keys set) or loss-gradient mode (lg.part set).
 struct FwdMode {
   const int *run_if;
   FwdFilter flt;
   uint16_t *chunk_keys;
+  FwdLoss lg;
 };
+
+constexpr int kFwdMaxBlocksPerSm = 2048 / kFwdThreads;  // the most resident blocks an SM takes
 
 template <class T, int NW, int KC>
 int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
@@ -71,15 +77,19 @@ int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *i
   const size_t smem = fwd_smem(s.in_features, BT);
   auto kernel = mode.flt.tau != nullptr      ? fwd_mma<T, NW, KC, kFilter>
                 : mode.chunk_keys != nullptr ? fwd_mma<T, NW, KC, kChunkMax>
+                : mode.lg.part != nullptr    ? fwd_mma<T, NW, KC, kLossGrad>
                                              : fwd_mma<T, NW, KC, kLogits>;
   const int per_sm = prepare(kernel, kFwdThreads, smem);
   XMC_CHECK_LAUNCH();
   FwdArgs<T> a = fwd_args<T>(s, NW, BT, x, w, idx, bias, y);
   a.flt = mode.flt;
   a.chunk_keys = mode.chunk_keys;
+  a.lg = mode.lg;
   const int64_t warps = kFwdThreads / 32;
   int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / a.nbt);
   chunks = xmin<int64_t>(chunks, (a.n_items + warps - 1) / warps);
+  if (mode.lg.part != nullptr && chunks * a.nbt > forward_loss_parts())  // not reached: per_sm <= the bound
+    return (int)cudaErrorInvalidConfiguration;
   launch_pdl(kernel, dim3((unsigned)(chunks * a.nbt)), dim3(kFwdThreads), smem, st, a, mode.run_if);
   XMC_CHECK_LAUNCH();
   return 0;
@@ -102,7 +112,7 @@ int forward_half(xmc_gsffi_shape s, const void *x, const void *w, const int32_t 
                  cudaStream_t st, FwdMode mode) {
   const int BT = tensor_core_tile(s, w);
   if (BT == 0) {
-    if (mode.run_if != nullptr || mode.flt.tau != nullptr || mode.chunk_keys != nullptr)
+    if (mode.run_if != nullptr || mode.flt.tau != nullptr || mode.chunk_keys != nullptr || mode.lg.part != nullptr)
       return XMC_ERR_DTYPE;  // callers check filter_applies
     return launch_generic<T>(s, x, w, idx, bias, y, st);
   }
@@ -146,9 +156,16 @@ int tensor_core_tile(xmc_gsffi_shape s, const void *w) {
 
 bool filter_applies(xmc_gsffi_shape s, const void *w) { return tensor_core_tile(s, w) != 0; }
 
+int64_t forward_loss_parts() { return (int64_t)num_sms() * kFwdMaxBlocksPerSm; }
+
+int forward_loss_grad(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *idx,
+                      const void *bias, void *y, FwdLoss lg, cudaStream_t st) {
+  return forward_mode(s, dt, x, w, idx, bias, y, st, {nullptr, {}, nullptr, lg});
+}
+
 int forward_filter(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *idx,
                    const void *bias, FwdFilter flt, cudaStream_t st) {
-  return forward_mode(s, dt, x, w, idx, bias, nullptr, st, {nullptr, flt, nullptr});
+  return forward_mode(s, dt, x, w, idx, bias, nullptr, st, {nullptr, flt, nullptr, {}});
 }
 
 int64_t forward_chunks(xmc_gsffi_shape s) {
@@ -159,12 +176,12 @@ int64_t forward_chunks(xmc_gsffi_shape s) {
 
 int forward_chunk_max(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *idx,
                       const void *bias, uint16_t *keys, cudaStream_t st) {
-  return forward_mode(s, dt, x, w, idx, bias, nullptr, st, {nullptr, {}, keys});
+  return forward_mode(s, dt, x, w, idx, bias, nullptr, st, {nullptr, {}, keys, {}});
 }
 
 int forward_gated(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, const int32_t *idx,
                   const void *bias, void *y, const int *run_if, cudaStream_t st) {
-  return forward_mode(s, dt, x, w, idx, bias, y, st, {run_if, {}, nullptr});
+  return forward_mode(s, dt, x, w, idx, bias, y, st, {run_if, {}, nullptr, {}});
 }
 
 }  // namespace xmc_cuda

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "gsffi_common.cuh"
+#include "loss_term.cuh"
 
 namespace xmc_cuda {
 
@@ -26,14 +27,6 @@ __device__ __forceinline__ float max_nan(float a, float b) {  // NaN if either i
 // The value that a logit has once stored in T.
 __device__ __forceinline__ float rounded(__nv_bfloat16, float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 __device__ __forceinline__ float rounded(__half, float v) { return __half2float(__float2half_rn(v)); }
-
-// The two 16-bit values of a word (low first) as floats.
-__device__ __forceinline__ float2 unpack2(__nv_bfloat16, uint32_t v) {
-  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
-}
-__device__ __forceinline__ float2 unpack2(__half, uint32_t v) {
-  return __half22float2(*reinterpret_cast<const __half2 *>(&v));
-}
 
 // A warp item's operands: its labels' weights as mma B fragments (lane: label nt * 8 + r4, physical k from
 // 8 q), the ldmatrix row addresses of its group's features (fan-in slots past F read the zero row H), and the
@@ -111,8 +104,19 @@ __device__ __forceinline__ float row_max(const float (&acc)[NW / 8][4], const fl
 }
 
 // What a tensor-core forward launch produces: the logits; the filter's candidate lists; each work item's row
-// maxima as keys.
-enum FwdOut { kLogits, kFilter, kChunkMax };
+// maxima as keys; the loss gradients in place of the logits, and the loss terms' sum per block.
+enum FwdOut { kLogits, kFilter, kChunkMax, kLossGrad };
+
+// Loss-gradient mode: bits l .. l + 7 (low first) of row b's positives. The mask's words hold 32 labels each,
+// and l is a multiple of 8 only where G is.
+__device__ __forceinline__ uint32_t positives8(const FwdLoss &lg, int64_t b, int64_t l) {
+  const uint32_t *wp = lg.bits + b * lg.words + (l >> 5);
+  const int sh = (int)(l & 31);
+  uint32_t p = __ldg(wp) >> sh;
+  if (sh > 24 && (l >> 5) + 1 < lg.words) p |= __ldg(wp + 1) << (32 - sh);
+  return p;
+}
+
 
 // NW (labels per warp item) and KC (32-wide fan-in chunks) of the tensor-core forward for shape s, and its batch
 // tile (0 where the shape takes the generic kernel).
@@ -133,6 +137,7 @@ struct FwdArgs {
   bool x_vec, y_vec;
   FwdFilter flt;         // filter mode
   uint16_t *chunk_keys;  // chunk-maximum mode
+  FwdLoss lg;            // loss-gradient mode
 };
 
 template <class T>
@@ -226,6 +231,7 @@ __device__ __forceinline__ void fwd_mma_tile(const FwdArgs<T> &a, int block, int
   const int64_t gstep = wstride / nj;
   const int jstep = (int)(wstride - gstep * nj);
   const bool bias_pairs = (G & 1) == 0 && (reinterpret_cast<uintptr_t>(bias) & 3) == 0;
+  double lane_loss = 0;  // loss-gradient mode: this lane's loss terms, a float sum per item
   for (; item < n_items; item += wstride, g += gstep, j += jstep) {
     if (j >= nj) j -= nj, ++g;
     const int64_t l0 = g * G + (int64_t)j * NW;
@@ -233,7 +239,7 @@ __device__ __forceinline__ void fwd_mma_tile(const FwdArgs<T> &a, int block, int
 
     uint4 wf[NW / 8][KC];
     uint32_t aoff[KC][2];
-    float bia[NW / 8][2];
+    float bia[NW / 8][2], item_loss = 0.f;
     load_item<T, NW, KC>(w, idx, bias, g, l0, lend, F, H, stride, xs_base, q, r4, kperm, bias_pairs, wf, aoff, bia);
     if constexpr (MODE == kChunkMax)  // columns past the item's labels never win a maximum
       if (l0 + NW > lend)
@@ -248,6 +254,14 @@ __device__ __forceinline__ void fwd_mma_tile(const FwdArgs<T> &a, int block, int
       if constexpr (MODE == kFilter)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) taus[hh] = thr[mt * 16 + 8 * hh + r4];
+      uint32_t pos8[2];  // loss-gradient mode: the positives of the 8 labels this lane stores, likewise
+      if constexpr (MODE == kLossGrad)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int row = mt * 16 + 8 * hh + lane / (NW / 8);
+          const int64_t l = l0 + lane % (NW / 8) * 8;
+          pos8[hh] = lane < NW && row < rows && l < lend ? positives8(a.lg, b0 + row, l) : 0u;
+        }
       float acc[NW / 8][4];
 #pragma unroll
       for (int nt = 0; nt < NW / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -308,7 +322,13 @@ __device__ __forceinline__ void fwd_mma_tile(const FwdArgs<T> &a, int block, int
             const int row = mt * 16 + 8 * hh + r8;
             const int64_t l = l0 + c * 8;
             if (row < rows && l < lend) {
-              const uint4 v = *reinterpret_cast<const uint4 *>(stage + r8 * kStageRow + ((c ^ out_swz(r8)) << 4));
+              uint4 v = *reinterpret_cast<const uint4 *>(stage + r8 * kStageRow + ((c ^ out_swz(r8)) << 4));
+              if constexpr (MODE == kLossGrad) {
+                const int n = (int)xmin<int64_t>(8, lend - l);
+                v = a.lg.kind == XMC_LOSS_BCE
+                        ? loss_grad8<T, XMC_LOSS_BCE>(v, pos8[hh], n, a.lg.zscale, item_loss)
+                        : loss_grad8<T, XMC_LOSS_SQUARED_HINGE>(v, pos8[hh], n, a.lg.zscale, item_loss);
+              }
               T *dst = y + (b0 + row) * L + l;
               if (y_vec && l + 8 <= lend) {
                 __stcs(reinterpret_cast<uint4 *>(dst), v);
@@ -323,6 +343,21 @@ __device__ __forceinline__ void fwd_mma_tile(const FwdArgs<T> &a, int block, int
           __syncwarp();
         }
       }
+    }
+    lane_loss += item_loss;
+  }
+  if constexpr (MODE == kLossGrad) {  // the block's sum in a fixed order: lanes by a butterfly, then warps
+    double sum = lane_loss;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    double *red = reinterpret_cast<double *>(smem + (size_t)(H + 1) * stride);
+    __syncthreads();  // every warp is done with its staging tile
+    if (lane == 0) red[warp] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total = 0;
+      for (int w = 0; w < nwarps; ++w) total += red[w];
+      a.lg.part[block] = total;
     }
   }
 }

@@ -294,6 +294,14 @@ __global__ void dw_generic(const T *__restrict__ dy, const T *__restrict__ x, co
 }
 
 template <class T>
+int grad_bias_generic(xmc_gsffi_shape s, const void *dy, void *gb, cudaStream_t st) {
+  const int64_t blocks = xmin<int64_t>((s.out_features + 255) / 256, (int64_t)num_sms() * 32);
+  db_generic<T><<<(unsigned)blocks, 256, 0, st>>>((const T *)dy, (T *)gb, s.batch, s.out_features);
+  XMC_CHECK_LAUNCH();
+  return 0;
+}
+
+template <class T>
 int grad_weight_generic(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw, void *gb,
                         cudaStream_t st) {
   const int64_t n = s.out_features * s.fan_in;
@@ -301,12 +309,7 @@ int grad_weight_generic(xmc_gsffi_shape s, const void *dy, const void *x, const 
   dw_generic<T><<<(unsigned)blocks, 256, 0, st>>>((const T *)dy, (const T *)x, idx, (T *)gw, s.batch,
                                                   s.in_features, s.out_features, s.fan_in, s.group_size);
   XMC_CHECK_LAUNCH();
-  if (gb) {
-    const int64_t bblocks = xmin<int64_t>((s.out_features + 255) / 256, (int64_t)num_sms() * 32);
-    db_generic<T><<<(unsigned)bblocks, 256, 0, st>>>((const T *)dy, (T *)gb, s.batch, s.out_features);
-    XMC_CHECK_LAUNCH();
-  }
-  return 0;
+  return gb ? grad_bias_generic<T>(s, dy, gb, st) : 0;
 }
 
 template <class T, int LW, int NTW>
@@ -355,6 +358,7 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int3
 template <class T>
 int grad_weight_half(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw, void *gb,
                      cudaStream_t st) {
+  if (!gw) return grad_bias_generic<T>(s, dy, gb, st);
   const bool ok = s.fan_in % 8 == 0 && (uintptr_t)gw % 4 == 0;
   if (!ok) return grad_weight_generic<T>(s, dy, x, idx, gw, gb, st);
   // Accumulators: (LW / 2) x NTW x 4 registers = 64.
@@ -370,13 +374,17 @@ extern "C" int xmc_gsffi_grad_weight_bias_cuda(xmc_gsffi_shape s, xmc_dtype dt, 
                                                const int32_t *indices, void *grad_weight, void *grad_bias,
                                                xmc_exec ex) {
   using namespace xmc_cuda;
-  if (s.batch == 0) return 0;
+  if (s.batch == 0 || (!grad_weight && !grad_bias)) return 0;
   cudaStream_t st = (cudaStream_t)ex.stream;
   switch (dt) {
     case XMC_BF16: return grad_weight_half<__nv_bfloat16>(s, grad_y, x, indices, grad_weight, grad_bias, st);
     case XMC_F16: return grad_weight_half<__half>(s, grad_y, x, indices, grad_weight, grad_bias, st);
-    case XMC_F32: return grad_weight_generic<float>(s, grad_y, x, indices, grad_weight, grad_bias, st);
-    case XMC_F64: return grad_weight_generic<double>(s, grad_y, x, indices, grad_weight, grad_bias, st);
+    case XMC_F32:
+      return grad_weight ? grad_weight_generic<float>(s, grad_y, x, indices, grad_weight, grad_bias, st)
+                         : grad_bias_generic<float>(s, grad_y, grad_bias, st);
+    case XMC_F64:
+      return grad_weight ? grad_weight_generic<double>(s, grad_y, x, indices, grad_weight, grad_bias, st)
+                         : grad_bias_generic<double>(s, grad_y, grad_bias, st);
   }
   return XMC_ERR_DTYPE;
 }

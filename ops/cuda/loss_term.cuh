@@ -1,0 +1,84 @@
+// The per-logit loss terms and their gradients, shared by the fused loss's kernels (fused_loss.cu) and the
+// forward's loss-gradient mode (gsffi_forward_tile.cuh), so that both compute the same values.
+#pragma once
+
+#include "gsffi_common.cuh"
+
+namespace xmc_cuda {
+
+// Loss of one logit z with target pos, and its gradient in *grad (BCE with logits or squared hinge).
+template <class A>
+__device__ __forceinline__ A loss_term(xmc_loss kind, A z, bool pos, A *grad) {
+  if (kind == XMC_LOSS_BCE) {
+    const A e = exp(-fabs(z)), r = A(1) / (A(1) + e);
+    const A sig = z >= 0 ? r : e * r, one_minus_sig = z >= 0 ? e * r : r;
+    *grad = pos ? -one_minus_sig : sig;
+    return xmax(pos ? -z : z, A(0)) + log1p(e);
+  }
+  const A s = pos ? A(1) : A(-1), m = xmax(A(1) - s * z, A(0));
+  *grad = A(-2) * s * m;
+  return m * m;
+}
+
+// 2^x with the fast unit, flushing results below 2^-126 to zero (no range fix-ups around the MUFU op).
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// loss_term in float from 16-bit logits, with the fast exp / reciprocal / log units (their relative error,
+// ~1e-6, is far below the logits' own bf16 / fp16 rounding); log(1 + e) takes e itself where 1 + e rounds.
+// Selects only, no branches, so that the callers' independent logits overlap.
+template <xmc_loss KIND>
+__device__ __forceinline__ float loss_term_fast(float z, bool pos, float *grad) {
+  if constexpr (KIND == XMC_LOSS_BCE) {
+    const float e = ex2_ftz(fabsf(z) * -1.4426950408889634f), d = 1.f + e, r = __fdividef(1.f, d);
+    const float er = e * r, sig = z >= 0 ? r : er, one_minus_sig = z >= 0 ? er : r;
+    *grad = pos ? -one_minus_sig : sig;
+    return fmaxf(pos ? -z : z, 0.f) + (e < 1e-4f ? e : __logf(d));
+  } else {
+    return loss_term(KIND, z, pos, grad);
+  }
+}
+
+// The first n of the 8 16-bit logits in v (T: the dtype) replaced by zscale * their loss gradients (the rest
+// by values that are not to be stored), their loss terms added to loss; bit j of pos: logit j is a positive.
+// The 8 are computed side by side, whatever n, and only the sum is masked: the MUFU latencies overlap. Eight
+// negatives of BCE, by far the most common case in XMC, take a shorter path (~16 instructions per logit
+// instead of ~28): no target selects, and the log terms summed in base 2 and scaled once.
+template <class T, xmc_loss KIND>
+__device__ __forceinline__ uint4 loss_grad8(const uint4 &v, uint32_t pos, int n, float zscale, float &loss) {
+  uint32_t out[4];
+  if (KIND == XMC_LOSS_BCE && n == 8 && (pos & 0xffu) == 0) {
+    float lin = 0.f, log2s = 0.f;  // sum of max(z, 0), and of log2(1 + e)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 z = unpack2(T(), word(v, k));
+      float g[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float zh = h ? z.y : z.x;
+        const float e = ex2_ftz(fabsf(zh) * -1.4426950408889634f), d = 1.f + e, r = __fdividef(1.f, d);
+        g[h] = (zh >= 0 ? r : e * r) * zscale;
+        lin += fmaxf(zh, 0.f);
+        log2s += e < 1e-4f ? e * 1.4426950408889634f : __log2f(d);
+      }
+      out[k] = pack2(T(), g[0], g[1]);
+    }
+    loss += fmaf(log2s, 0.6931471805599453f, lin);
+    return make_uint4(out[0], out[1], out[2], out[3]);
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 z = unpack2(T(), word(v, k));
+    float g0, g1;
+    const float t0 = loss_term_fast<KIND>(z.x, (pos >> (2 * k)) & 1u, &g0);
+    const float t1 = loss_term_fast<KIND>(z.y, (pos >> (2 * k + 1)) & 1u, &g1);
+    loss += (2 * k < n ? t0 : 0.f) + (2 * k + 1 < n ? t1 : 0.f);
+    out[k] = pack2(T(), g0 * zscale, g1 * zscale);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+}  // namespace xmc_cuda
