@@ -100,7 +100,12 @@ inline int64_t chunk_bytes() {
 inline int64_t chunk_labels(xmc_gsffi_shape s) {
   const int64_t bytes = chunk_bytes();
   const int64_t G = s.group_size, unit = G % 8 == 0 ? G : G * 8;
-  const int64_t nl = xmax<int64_t>(1, bytes / (2 * xmax<int64_t>(s.batch, 1)) / unit) * unit;
+  int64_t nl = xmax<int64_t>(1, bytes / (2 * xmax<int64_t>(s.batch, 1)) / unit) * unit;
+  // Up to whole waves of groups (SMs x 8: the weight gradient's warps, and the forward's at two batch tiles),
+  // where that adds at most an eighth: each chunk's kernels then end without a part-empty last wave (at
+  // (256, 3M, 64, 32), 8448 groups per chunk instead of 7812: step -2%).
+  const int64_t wave = (int64_t)num_sms() * 8 * G, up = (nl + wave - 1) / wave * wave;
+  if (G % 8 == 0 && up <= nl + nl / 8) nl = up;
   return xmin<int64_t>(nl, (s.out_features + G - 1) / G * G);
 }
 
