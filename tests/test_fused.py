@@ -177,6 +177,25 @@ def test_16_bit_loss_over_label_chunks(dtype, loss, reduction, F, G, device, mon
     assert (ours[2] != 0).float().mean() > 0.9  # the weight gradient did not underflow
 
 
+@pytest.mark.parametrize("F, G", [(16, 8), (12, 8)])
+def test_16_bit_positives_do_not_leak_across_label_chunks(F, G, device, monkeypatch):
+    """The positives' mask of a label chunk is not zeroed whole: each chunk first clears the words that the
+    previous chunk's positives set. With thousands of positives per row over 4 chunks, every bias gradient
+    (the mean over rows of sigmoid(z) - y) is checked on its own against float64: a positive left over from the
+    previous chunk (a negative at the same place in the next chunk taken as a positive) would be off by 1 / B.
+    F = 12: the generic forward and the separate loss-gradient pass read the same mask."""
+    if device == "cpu":
+        pytest.skip("the label-chunked 16-bit path is CUDA's")
+    monkeypatch.setenv("XMC_FUSED_CHUNK_MB", "1")
+    B, H, L = 8, 64, 200000  # 1 MB chunks: 65536 labels each
+    x, w, idx, b = make(B, H, L, F, G, device, torch.bfloat16)
+    indptr, labels = random_targets(B, L, device, max_pos=3000)
+    ours = loss_and_grads(fused(idx, G, indptr, labels), x, w, b)[3].double()
+    exact = loss_and_grads(unfused(idx, G, indptr, labels), x.double(), w.double(), b.double())[3]
+    assert exact.abs().max() > 0.1
+    assert (ours - exact).abs().max() <= 0.02
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("F, G", [(16, 18), (12, 8)])
 def test_16_bit_gradients_asked_alone(dtype, F, G, device, monkeypatch):

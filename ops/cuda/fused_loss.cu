@@ -230,12 +230,14 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
 //
 // The labels are cut into chunks of nl labels (whole groups, chunk_labels()) whose logits [B, nl] go to one
 // scratch buffer. Per chunk:
-//   mark_positives                  sets the chunk's positives in a bit mask [B, nl / 32];
+//   mark_positives                  sets the chunk's positives in a bit mask [B, nl / 32] (clearing the previous
+//                                   chunk's);
 //   forward_loss_grad (gsffi_forward.cu) writes scale * d loss / d logit of the chunk's logits into the buffer
 //                                   and sums its loss terms per block, in a fixed order; where the forward
 //                                   takes its generic kernel, the plain forward writes the logits and
 //                                   grad_chunk turns them into the same gradients in place;
-//   grad_weight (gsffi_grad_weight.cu) writes the chunk's weight and bias gradients from the buffer;
+//   grad_weight (gsffi_grad_weight.cu) writes the chunk's weight and bias gradients from the buffer (x^T for it
+//                                   is made once per step);
 //   grad_input_add_f32 (gsffi_grad_input.cu) adds the chunk's input gradient into an fp32 [B, H] accumulator.
 // Nothing is [B, L]; everything is deterministic (the OR of the mask is idempotent, every sum has a fixed order).
 
@@ -243,15 +245,25 @@ constexpr int kGradCols = 32;                   // threads across a grad_chunk b
 constexpr int kGradRows = 8;                    // row slices of a grad_chunk block
 constexpr int kGradLabels = kGradCols * 8;      // labels per grad_chunk block
 
-// bits[b * words + l / 32] bit l % 32: label c0 + l is a positive of row b (one warp per row).
-__global__ void mark_positives(const int64_t *indptr, const int64_t *labels, int64_t B, int64_t c0, int64_t nl,
-                               int64_t words, uint32_t *bits) {
+// bits[b * words + l / 32] bit l % 32: label c0 + l is a positive of row b (one warp per row). The mask holds
+// the previous chunk's positives (from label p0; p0 < 0: the mask is clear): their words are cleared first, so
+// the mask is zeroed once per step, not once per chunk.
+__global__ void mark_positives(const int64_t *indptr, const int64_t *labels, int64_t B, int64_t p0, int64_t c0,
+                               int64_t nl, int64_t words, uint32_t *bits) {
   pdl_begin();  // launched with launch_pdl
   const int64_t b = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= B) return;
+  uint32_t *row = bits + b * words;
+  if (p0 >= 0) {
+    for (int64_t p = indptr[b] + threadIdx.x % 32; p < indptr[b + 1]; p += 32) {
+      const int64_t l = labels[p] - p0;
+      if (l >= 0 && l < nl) row[l / 32] = 0;
+    }
+    __syncwarp();
+  }
   for (int64_t p = indptr[b] + threadIdx.x % 32; p < indptr[b + 1]; p += 32) {
     const int64_t l = labels[p] - c0;
-    if (l >= 0 && l < nl) atomicOr(&bits[b * words + l / 32], 1u << (l % 32));
+    if (l >= 0 && l < nl) atomicOr(&row[l / 32], 1u << (l % 32));
   }
 }
 
@@ -355,16 +367,21 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
   // The buffer holds scale * d loss / d logit in bf16 (fp32's exponent range); in fp16 it holds the unscaled
   // gradient (|.| <= 1 for BCE), since scales like 1 / (B L) would flush it to zero, and the products are scaled.
   const float zscale = dt == XMC_BF16 ? (float)scale : 1.f, post = dt == XMC_BF16 ? 1.f : (float)scale;
-  void *block = nullptr, *buf = nullptr, *bits = nullptr, *block_loss = nullptr, *acc = nullptr, *gw_chunk = nullptr;
+  void *block = nullptr, *buf = nullptr, *bits = nullptr, *block_loss = nullptr, *acc = nullptr, *gw_chunk = nullptr,
+       *xt = nullptr;
+  const bool want_gw = gw != nullptr || upd != nullptr;
   int err = (int)scratch_parts(&block,
                                {{&buf, (size_t)(B * nl) * 2},
                                 {&bits, (size_t)(B * words) * 4},
                                 {&block_loss, (size_t)(n_chunks * parts_per_chunk) * sizeof(double)},
                                 {&acc, gx ? (size_t)(B * H) * sizeof(float) : 0},
-                                {&gw_chunk, upd ? (size_t)(nl * F) * 2 : 0}},
+                                {&gw_chunk, upd ? (size_t)(nl * F) * 2 : 0},
+                                {&xt, want_gw ? (size_t)(H * xt_cols(B)) * 2 : 0}},
                                st);
   if (!err) err = (int)cudaMemsetAsync(block_loss, 0, (size_t)(n_chunks * parts_per_chunk) * sizeof(double), st);
   if (!err && gx) err = (int)cudaMemsetAsync(acc, 0, (size_t)(B * H) * sizeof(float), st);
+  if (!err) err = (int)cudaMemsetAsync(bits, 0, (size_t)(B * words) * 4, st);
+  if (!err && want_gw) err = transpose_x(s, x, xt, st);  // grad_weight's x^T, once for every chunk
   const int64_t esz = 2;
   for (int64_t c0 = 0; !err && c0 < L; c0 += nl) {
     const int64_t n = xmin<int64_t>(nl, L - c0), g0 = c0 / G;
@@ -376,12 +393,9 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     // with an update, the chunk's weight gradient goes to scratch and is applied once grad_input has read wc
     void *gwc = gw ? static_cast<unsigned char *>(gw) + c0 * F * esz : gw_chunk;
     double *bl = static_cast<double *>(block_loss) + (c0 / nl) * parts_per_chunk;
-    err = (int)cudaMemsetAsync(bits, 0, (size_t)(B * words) * 4, st);
-    if (!err) {
-      launch_pdl(mark_positives, dim3((unsigned)((B + 7) / 8)), dim3(256), 0, st, indptr, labels, B, c0, n, words,
-                 static_cast<uint32_t *>(bits));
-      err = last_error();
-    }
+    launch_pdl(mark_positives, dim3((unsigned)((B + 7) / 8)), dim3(256), 0, st, indptr, labels, B,
+               c0 == 0 ? (int64_t)-1 : c0 - nl, c0, nl, words, static_cast<uint32_t *>(bits));
+    err = last_error();
     if (!err && filter_applies(sc, wc)) {
       err = forward_loss_grad(sc, dt, x, wc, ic, bc, buf,
                               {static_cast<const uint32_t *>(bits), words, zscale, kind, bl}, st);
@@ -393,7 +407,7 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
       if (!err) launch(nb, st, kind, buf, bits, B, n, words, zscale, vec, bl);
       if (!err) err = last_error();
     }
-    if (!err) err = xmc_gsffi_grad_weight_bias_cuda(sc, dt, buf, x, ic, gwc, gbc, ex);
+    if (!err) err = grad_weight_bias_xt(sc, dt, buf, x, want_gw ? xt : nullptr, ic, gwc, gbc, st);
     if (!err && gw && post != 1.f) {
       scale_half<<<(unsigned)((n * F + 255) / 256), 256, 0, st>>>(static_cast<__half *>(gwc), n * F, post);
       err = last_error();

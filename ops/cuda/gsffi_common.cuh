@@ -360,6 +360,14 @@ int forward_loss_grad(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void
 int forward_gated(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                   const void *bias, void *y, const int *run_if, cudaStream_t st);
 
+// grad_weight's tensor-core kernels read x as x^T [H, xt_cols(B)], zero padded; transpose_x writes it (16-bit x).
+// grad_weight_bias_xt is xmc_gsffi_grad_weight_bias_cuda with that x^T given (or null: made per call), so that
+// the fused loss transposes x once per step, not once per label chunk.
+int64_t xt_cols(int64_t B);
+int transpose_x(xmc_gsffi_shape s, const void *x, void *xt, cudaStream_t st);
+int grad_weight_bias_xt(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x, const void *xt,
+                        const int32_t *indices, void *grad_weight, void *grad_bias, cudaStream_t st);
+
 // grad_input for bf16/fp16 added into acc (fp32 [B, H]); the fused loss calls it once per label chunk.
 int grad_input_add_f32(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *weight,
                        const int32_t *indices, float *acc, cudaStream_t st);

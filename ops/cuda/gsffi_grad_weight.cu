@@ -326,18 +326,17 @@ int grad_weight_generic(xmc_gsffi_shape s, const void *dy, const void *x, const 
   return gb ? grad_bias_generic<T>(s, dy, gb, st) : 0;
 }
 
+// xt: x^T as transpose_x writes it, or null (then it is made here, in scratch).
 template <class T, int LW, int NTW>
-int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw, void *gb,
-                    cudaStream_t st) {
-  const int64_t Bp = (s.batch + 31) / 32 * 32;
-  T *xt = nullptr;
-  if (scratch_alloc((void **)&xt, (size_t)(s.in_features * Bp) * sizeof(T), st) != cudaSuccess) {
+int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const void *xt_given, const int32_t *idx,
+                    void *gw, void *gb, cudaStream_t st) {
+  const int64_t Bp = xt_cols(s.batch);
+  T *xt = (T *)xt_given;
+  if (xt == nullptr && scratch_alloc((void **)&xt, (size_t)(s.in_features * Bp) * sizeof(T), st) != cudaSuccess) {
     cudaGetLastError();
     return XMC_ERR_NOMEM;
   }
-  launch_pdl(transpose_pad, dim3((unsigned)((s.in_features + 31) / 32), (unsigned)(Bp / 32)), dim3(32, 8), 0, st,
-             (const uint16_t *)x, (uint16_t *)xt, s.batch, Bp, s.in_features);
-  int rc = last_error();
+  int rc = xt_given ? 0 : transpose_x(s, x, xt, st);
   const int64_t n_groups = (s.out_features + s.group_size - 1) / s.group_size;
   const int nlc = (int)((s.group_size + 8 * LW - 1) / (8 * LW));
   const int nsc = (int)((s.fan_in + 8 * NTW - 1) / (8 * NTW));
@@ -365,34 +364,39 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const int3
                dy_vec);
     rc = last_error();
   }
-  cudaFreeAsync(xt, st);
+  if (!xt_given) cudaFreeAsync(xt, st);
   return rc;
 }
 
 template <class T>
-int grad_weight_half(xmc_gsffi_shape s, const void *dy, const void *x, const int32_t *idx, void *gw, void *gb,
-                     cudaStream_t st) {
+int grad_weight_half(xmc_gsffi_shape s, const void *dy, const void *x, const void *xt, const int32_t *idx, void *gw,
+                     void *gb, cudaStream_t st) {
   if (!gw) return grad_bias_generic<T>(s, dy, gb, st);
   const bool ok = s.fan_in % 8 == 0 && (uintptr_t)gw % 4 == 0;
   if (!ok) return grad_weight_generic<T>(s, dy, x, idx, gw, gb, st);
   // Accumulators: (LW / 2) x NTW x 4 registers = 64.
-  if (s.group_size > 32) return grad_weight_mma<T, 8, 4>(s, dy, x, idx, gw, gb, st);
-  if (s.group_size > 16) return grad_weight_mma<T, 4, 8>(s, dy, x, idx, gw, gb, st);
-  return grad_weight_mma<T, 2, 8>(s, dy, x, idx, gw, gb, st);
+  if (s.group_size > 32) return grad_weight_mma<T, 8, 4>(s, dy, x, xt, idx, gw, gb, st);
+  if (s.group_size > 16) return grad_weight_mma<T, 4, 8>(s, dy, x, xt, idx, gw, gb, st);
+  return grad_weight_mma<T, 2, 8>(s, dy, x, xt, idx, gw, gb, st);
 }
 
 }  // namespace
-}  // namespace xmc_cuda
 
-extern "C" int xmc_gsffi_grad_weight_bias_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
-                                               const int32_t *indices, void *grad_weight, void *grad_bias,
-                                               xmc_exec ex) {
-  using namespace xmc_cuda;
+int64_t xt_cols(int64_t B) { return (B + 31) / 32 * 32; }
+
+int transpose_x(xmc_gsffi_shape s, const void *x, void *xt, cudaStream_t st) {
+  const int64_t Bp = xt_cols(s.batch);
+  launch_pdl(transpose_pad, dim3((unsigned)((s.in_features + 31) / 32), (unsigned)(Bp / 32)), dim3(32, 8), 0, st,
+             (const uint16_t *)x, (uint16_t *)xt, s.batch, Bp, s.in_features);
+  return last_error();
+}
+
+int grad_weight_bias_xt(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x, const void *xt,
+                        const int32_t *indices, void *grad_weight, void *grad_bias, cudaStream_t st) {
   if (s.batch == 0 || (!grad_weight && !grad_bias)) return 0;
-  cudaStream_t st = (cudaStream_t)ex.stream;
   switch (dt) {
-    case XMC_BF16: return grad_weight_half<__nv_bfloat16>(s, grad_y, x, indices, grad_weight, grad_bias, st);
-    case XMC_F16: return grad_weight_half<__half>(s, grad_y, x, indices, grad_weight, grad_bias, st);
+    case XMC_BF16: return grad_weight_half<__nv_bfloat16>(s, grad_y, x, xt, indices, grad_weight, grad_bias, st);
+    case XMC_F16: return grad_weight_half<__half>(s, grad_y, x, xt, indices, grad_weight, grad_bias, st);
     case XMC_F32:
       return grad_weight ? grad_weight_generic<float>(s, grad_y, x, indices, grad_weight, grad_bias, st)
                          : grad_bias_generic<float>(s, grad_y, grad_bias, st);
@@ -401,6 +405,15 @@ extern "C" int xmc_gsffi_grad_weight_bias_cuda(xmc_gsffi_shape s, xmc_dtype dt, 
                          : grad_bias_generic<double>(s, grad_y, grad_bias, st);
   }
   return XMC_ERR_DTYPE;
+}
+
+}  // namespace xmc_cuda
+
+extern "C" int xmc_gsffi_grad_weight_bias_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
+                                               const int32_t *indices, void *grad_weight, void *grad_bias,
+                                               xmc_exec ex) {
+  return xmc_cuda::grad_weight_bias_xt(s, dt, grad_y, x, nullptr, indices, grad_weight, grad_bias,
+                                       (cudaStream_t)ex.stream);
 }
 
 extern "C" int xmc_gsffi_grad_weight_cuda(xmc_gsffi_shape s, xmc_dtype dt, const void *grad_y, const void *x,
