@@ -48,24 +48,40 @@ __device__ __forceinline__ void write_partial(float *__restrict__ dst, const flo
   }
 }
 
-// The same for feature-major accumulators (dx_mma_staged), whose 32 rows of a feature are 32 consecutive words:
-// lanes take rows, so each read is one wavefront, and a lane writes 32 features of its row as 16-byte stores.
-// With lanes across features (write_partial), all 32 reads of an instruction fell in one bank: 32 wavefronts,
-// ~25 us per launch at (256, H = 768).
+// The same for feature-major accumulators [H][R] (dx_mma_staged), whose 32 rows r0 .. r0 + 31 of a feature are
+// the 32 words from h R + r0 in some order (r0 a multiple of 32, R too). Read along features at one row, those
+// words share one bank (32 wavefronts per instruction); so a warp takes a tile of 32 features x 32 rows with
+// lanes across rows (one wavefront per read), writes it back into the same words transposed with a skew
+// (feature i, row l at word (l + i) % 32 of its run: distinct banks both ways), and reads it along features,
+// one coalesced 128-byte store per row. Where R is not a multiple of 32 (odd warp pairs), lanes take rows and
+// each writes 32 features of its row in 16-byte pieces: scattered stores (~1 TB/s at (256, 768): ~25 us per
+// call, when every block writes its sums at once).
 template <class Word>
-__device__ __forceinline__ void write_partial_fm(float *__restrict__ dst, const float *accs, int rows, int H,
+__device__ __forceinline__ void write_partial_fm(float *__restrict__ dst, float *accs, int rows, int R, int H,
                                                  int nthreads, Word word) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rtiles = (rows + 31) / 32, htiles = (H + 31) / 32;
-  const bool vec = H % 4 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0;
   for (int t = warp; t < rtiles * htiles; t += nthreads >> 5) {
-    const int r = (t % rtiles) * 32 + lane, h0 = (t / rtiles) * 32;
-    if (r >= rows) continue;
+    const int r0 = (t % rtiles) * 32, h0 = (t / rtiles) * 32, r = r0 + lane;
     float v[32];
+    if (R % 32 == 0) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) v[i] = h0 + i < H ? accs[word(r, h0 + i)] : 0.f;
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 32; ++i)
+        if (h0 + i < H) accs[(h0 + i) * R + r0 + ((lane + i) & 31)] = v[i];
+      __syncwarp();
+      if (h0 + lane < H)
+        for (int k = 0; k < 32 && r0 + k < rows; ++k)
+          dst[(int64_t)(r0 + k) * H + h0 + lane] = accs[(h0 + lane) * R + r0 + ((k + lane) & 31)];
+      continue;
+    }
+    if (r >= rows) continue;
 #pragma unroll
     for (int i = 0; i < 32; ++i) v[i] = h0 + i < H ? accs[word(r, h0 + i)] : 0.f;
     float *d = dst + (int64_t)r * H + h0;
-    if (vec && h0 + 32 <= H) {
+    if (H % 4 == 0 && h0 + 32 <= H && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
 #pragma unroll
       for (int i = 0; i < 32; i += 4) *reinterpret_cast<float4 *>(d + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
     } else {
@@ -455,7 +471,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   cp_async_wait<0>();
   __syncthreads();
   const int64_t rows = xmin<int64_t>(R, B - brow);
-  write_partial_fm(part + ((int64_t)c * B + brow) * H, accs, (int)rows, H, nthreads,
+  write_partial_fm(part + ((int64_t)c * B + brow) * H, accs, (int)rows, R, H, nthreads,
                    [&](int r, int h) { return (int)acc_word<NT>(h, r, R); });
 }
 
