@@ -189,16 +189,27 @@ __device__ __forceinline__ void fwd_mma_tile(const FwdArgs<T> &a, int block, int
   const int64_t b0 = (int64_t)bt * BT;
   const int rows = (int)xmin<int64_t>(BT, B - b0);
 
-  // Fill x^T: rows 0..H-1 from x, row H zeros (padded fan-in slots point there), columns >= rows zeros.
-  const int hchunks = (H + 8) / 8;  // 8 features per step, row H included
-  for (int e = threadIdx.x; e < BT * hchunks; e += blockDim.x) {
-    const int hc = e / BT, r = e - hc * BT, h0 = hc * 8;  // r fastest: the 2-byte stores of a warp share no bank
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < rows && h0 < H) v = load_elems<8>(x + (b0 + r) * H + h0, H - h0, x_vec);
-    const uint16_t *pv = reinterpret_cast<const uint16_t *>(&v);
+  // Fill x^T: rows 0..H-1 from x, row H zeros (padded fan-in slots point there), columns >= rows zeros. Each
+  // thread loads 8 pieces before it stores any: with one load at a time (the stores go through a generic
+  // pointer, so the compiler keeps every load behind them) the fill waited ~24 L2 round trips per launch.
+  const int hchunks = (H + 8) / 8, n_fill = BT * hchunks;  // 8 features per piece, row H included
+  for (int e0 = threadIdx.x; e0 < n_fill; e0 += 8 * blockDim.x) {
+    uint4 v[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k)
-      if (h0 + k <= H) *reinterpret_cast<uint16_t *>(smem + (size_t)(h0 + k) * stride + r * 2) = pv[k];
+    for (int i = 0; i < 8; ++i) {
+      const int e = e0 + i * blockDim.x, hc = e / BT, r = e - hc * BT, h0 = hc * 8;
+      v[i] = make_uint4(0, 0, 0, 0);
+      if (e < n_fill && r < rows && h0 < H) v[i] = load_elems<8>(x + (b0 + r) * H + h0, H - h0, x_vec);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int e = e0 + i * blockDim.x, hc = e / BT, r = e - hc * BT, h0 = hc * 8;  // r fastest: no bank shared
+      const uint16_t *pv = reinterpret_cast<const uint16_t *>(&v[i]);
+      if (e < n_fill)
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          if (h0 + k <= H) *reinterpret_cast<uint16_t *>(smem + (size_t)(h0 + k) * stride + r * 2) = pv[k];
+    }
   }
   __syncthreads();
 
