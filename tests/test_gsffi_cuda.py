@@ -17,7 +17,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 # (B, H, L, F, G): every fast-path template (G 8/16/32/64/128, F 8..256), L not a multiple of G, B = 1,
-# B beyond one batch tile (128 rows), H too large for the shared-memory tile (generic path), odd G.
+# B beyond one batch tile (128 rows), H too large for the shared-memory tile (generic path), odd G; grad_input
+# in quads (B = 17, 77, 64), in pairs of 16 or 48 rows (B = 1, 33, 40, 129) and of 64 rows without the grad_y
+# ring (70, 257).
 SHAPES = [
     (1, 768, 1000, 64, 32),
     (77, 768, 4008, 64, 32),
@@ -25,6 +27,7 @@ SHAPES = [
     (130, 96, 999, 24, 8),
     (64, 768, 3000, 64, 16),
     (257, 768, 5003, 128, 64),
+    (70, 768, 1200, 128, 32),
     (100, 512, 2000, 256, 8),
     (40, 300, 1001, 8, 128),
     (129, 1000, 2048, 96, 40),
