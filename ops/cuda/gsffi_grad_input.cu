@@ -611,9 +611,11 @@ int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int3
   const int kcg = (int)((s.group_size + 31) / 32);
   const bool dy_ok = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0;
   // Staged kernel: the most warp pairs (each 16 batch rows of feature-major accumulators) that leave room for a
-  // ring of 2 to 4 stages of 32 KCG weight rows and F feature ids, plus, where 3 or more stages still fit, the
-  // block's grad_y tile: then grad_y, the largest stream, has 2-3 groups in flight per block instead of one
-  // per warp (Little's law: one group in flight held grad_input to ~0.35 TB/s).
+  // ring of 2 to 4 stages of 32 KCG weight rows and F feature ids, plus, where enough stages still fit, the
+  // block's grad_y tile: then grad_y, the largest stream, has 1-3 groups in flight per block instead of one
+  // per warp (Little's law: one group in flight held grad_input to ~0.35 TB/s). Enough: 3 stages for warp pairs;
+  // 2 where the pairs are even, since the ring is what lets them work in quads (measured against pairs without
+  // the ring: -27..-34% at F = 128 or G = 64, (256 | 1024, 670080); bitwise the same sums).
   const int rows_w = 32 * (kcg == 3 ? 4 : kcg);
   const int stage_w = (int)((rows_w * s.fan_in * 2 + s.fan_in * 4 + 15) / 16 * 16);
   int pairs = (int)xmin<int64_t>(kDxMaxWarps / 2, (s.batch + 15) / 16);
@@ -621,7 +623,7 @@ int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int3
   if (pairs >= 1 && (uintptr_t)idx % 16 == 0) {
     const int64_t spare = optin - acc_tbytes(s.in_features, 16 * pairs);
     const int stage_dy = (int)((stage_w + 16 * pairs * rows_w * 2 + 15) / 16 * 16);
-    const bool dy_ring = dy_ok && spare / stage_dy >= 3;
+    const bool dy_ring = dy_ok && spare / stage_dy >= (pairs % 2 == 0 ? 2 : 3);
     const int stage_bytes = dy_ring ? stage_dy : stage_w;
     const int ns = (int)xmin<int64_t>(4, spare / stage_bytes);
     if (kcg == 1) return grad_input_staged<T, 1>(s, dy, w, idx, gx, st, pairs, dy_ok, ns, stage_bytes, dy_ring);
