@@ -55,23 +55,34 @@ __device__ __forceinline__ DwItem dw_item(int64_t item, int64_t L, int G, int nl
 // One 32-row batch chunk of grad_w_g += grad_y_g^T x_g (and of the bias row sums): dd[v] holds this lane's LW
 // labels (from LW r4) of batch row 8 q + v of the chunk, xx[nt] the 8 batch entries 8 q .. 8 q + 7 of slot
 // 8 nt + r4 (the k relabelling of gsffi_common.cuh).
+// Its k half s (batch rows 8 q + 4 s .. + 3: dd[4 s ..], words 2 s, 2 s + 1 of xx) is dw_half, which the ring
+// kernel calls with only that half's operands loaded (its 128 accumulators leave no registers for both).
+template <class T, int LW, int NTW>
+__device__ __forceinline__ void dw_half(float (&acc)[LW / 2][NTW][4], float (&accb)[LW / 2][4], const uint4 *dd,
+                                        const uint2 (&xx)[NTW], bool with_b) {
+  const uint32_t ones = pack2(T(), 1.f, 1.f);
+#pragma unroll
+  for (int mt = 0; mt < LW / 2; ++mt) {
+    // row m = r4 is label LW r4 + 2 mt (low halves), m + 8 the next label (high halves)
+    const uint32_t a[4] = {halves(word(dd[0], mt), word(dd[1], mt), false),
+                           halves(word(dd[0], mt), word(dd[1], mt), true),
+                           halves(word(dd[2], mt), word(dd[3], mt), false),
+                           halves(word(dd[2], mt), word(dd[3], mt), true)};
+#pragma unroll
+    for (int nt = 0; nt < NTW; ++nt) mma16816(T(), acc[mt][nt], a, xx[nt].x, xx[nt].y);
+    if (with_b) mma16816(T(), accb[mt], a, ones, ones);
+  }
+}
 template <class T, int LW, int NTW>
 __device__ __forceinline__ void dw_chunk(float (&acc)[LW / 2][NTW][4], float (&accb)[LW / 2][4], const uint4 (&dd)[8],
                                          const uint4 (&xx)[NTW], bool with_b) {
-  const uint32_t ones = pack2(T(), 1.f, 1.f);
 #pragma unroll
-  for (int s = 0; s < 2; ++s)
+  for (int s = 0; s < 2; ++s) {
+    uint2 xs[NTW];
 #pragma unroll
-    for (int mt = 0; mt < LW / 2; ++mt) {
-      // row m = r4 is label LW r4 + 2 mt (low halves), m + 8 the next label (high halves)
-      const uint32_t a[4] = {halves(word(dd[4 * s], mt), word(dd[4 * s + 1], mt), false),
-                             halves(word(dd[4 * s], mt), word(dd[4 * s + 1], mt), true),
-                             halves(word(dd[4 * s + 2], mt), word(dd[4 * s + 3], mt), false),
-                             halves(word(dd[4 * s + 2], mt), word(dd[4 * s + 3], mt), true)};
-#pragma unroll
-      for (int nt = 0; nt < NTW; ++nt) mma16816(T(), acc[mt][nt], a, word(xx[nt], 2 * s), word(xx[nt], 2 * s + 1));
-      if (with_b) mma16816(T(), accb[mt], a, ones, ones);
-    }
+    for (int nt = 0; nt < NTW; ++nt) xs[nt] = make_uint2(word(xx[nt], 2 * s), word(xx[nt], 2 * s + 1));
+    dw_half<T, LW, NTW>(acc, accb, dd + 4 * s, xs, with_b);
+  }
 }
 
 // Writes an item's weight gradient (and, with with_b, its labels' bias gradient) from the accumulators.
@@ -197,7 +208,8 @@ __global__ void __launch_bounds__(kDwThreads, 1)
   // slots lane / 4 + 8 j of the item's, batch entries 8 (lane % 4) .. + 7 of the chunk.
   int64_t p_item = (int64_t)blockIdx.x * (kDwThreads / 32) + warp;
   int p_kb = 0, p_slot = 0, p_nlab = 0;
-  const T *p_dy = dy, *p_x[NTW];
+  const T *p_dy = dy;
+  int32_t c_ids[NTW];  // p_item's feature ids (-1 past F): 32-bit, where pointers took twice the registers
   // The feature ids of the item after p_item (-1 past F), loaded one item ahead: loaded where their x^T
   // addresses were needed, their latency stalled the copy side once per item (ncu: 38% of the stall samples;
   // A/B: -2.5% at (256, 3M, 64, 32), -22% at (64, 670080, 64, 16)).
@@ -220,7 +232,7 @@ __global__ void __launch_bounds__(kDwThreads, 1)
     p_nlab = (int)xmax<int64_t>(0, xmin<int64_t>(8, it.lend - l));
     p_dy = dy + (lane / LW) * L + l;
 #pragma unroll
-    for (int j = 0; j < NTW; ++j) p_x[j] = p_ids[j] >= 0 ? xt + (int64_t)p_ids[j] * Bp + 8 * (lane & 3) : nullptr;
+    for (int j = 0; j < NTW; ++j) c_ids[j] = p_ids[j];
     load_ids(p_item + wstride);
   };
   auto issue = [&]() {
@@ -236,8 +248,8 @@ __global__ void __launch_bounds__(kDwThreads, 1)
       }
 #pragma unroll
       for (int j = 0; j < NTW; ++j)
-        cp_async16(sb + Ring::kDyBytes + (lane / 4 + 8 * j) * 64 + 16 * (lane & 3), p_x[j] ? p_x[j] + kb : xt,
-                   p_x[j] ? 16 : 0);
+        cp_async16(sb + Ring::kDyBytes + (lane / 4 + 8 * j) * 64 + 16 * (lane & 3),
+                   c_ids[j] >= 0 ? xt + (int64_t)c_ids[j] * Bp + 8 * (lane & 3) + kb : xt, c_ids[j] >= 0 ? 16 : 0);
       if (++p_kb == nkb) {
         p_kb = 0;
         p_item += wstride;
@@ -263,17 +275,21 @@ __global__ void __launch_bounds__(kDwThreads, 1)
       __syncwarp();  // every lane's copies of this stage are in; every lane is done with the stage issue() refills
       issue();
       const uint32_t sb = ring + (uint32_t)(slot * Ring::kStage);
-      uint4 dd[8], xx[NTW];
 #pragma unroll
-      for (int v = 0; v < 8; ++v) {
-        const uint32_t a = sb + Ring::dy_row(8 * q + v) * 16 * LW + 2 * LW * r4;
-        if (LW == 8) dd[v] = lds_u32x4(a);
-        if (LW == 4) { const uint2 u = lds_u32x2(a); dd[v] = make_uint4(u.x, u.y, 0, 0); }
-        if (LW == 2) dd[v] = make_uint4((uint32_t)lds_i32(a), 0, 0, 0);
+      for (int s = 0; s < 2; ++s) {
+        uint4 dd[4];
+        uint2 xx[NTW];
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const uint32_t a = sb + Ring::dy_row(8 * q + 4 * s + v) * 16 * LW + 2 * LW * r4;
+          if (LW == 8) dd[v] = lds_u32x4(a);
+          if (LW == 4) { const uint2 u = lds_u32x2(a); dd[v] = make_uint4(u.x, u.y, 0, 0); }
+          if (LW == 2) dd[v] = make_uint4((uint32_t)lds_i32(a), 0, 0, 0);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) xx[nt] = lds_u32x2(sb + Ring::kDyBytes + (8 * nt + r4) * 64 + 16 * q + 8 * s);
+        dw_half<T, LW, NTW>(acc, accb, dd, xx, with_b);
       }
-#pragma unroll
-      for (int nt = 0; nt < NTW; ++nt) xx[nt] = lds_u32x4(sb + Ring::kDyBytes + (8 * nt + r4) * 64 + 16 * q);
-      dw_chunk<T, LW, NTW>(acc, accb, dd, xx, with_b);
       slot = slot + 1 == NS ? 0 : slot + 1;
     }
     dw_store<T, LW, NTW>(acc, accb, it, F, with_b, gw, gb);
@@ -326,10 +342,26 @@ int grad_weight_generic(xmc_gsffi_shape s, const void *dy, const void *x, const 
   return gb ? grad_bias_generic<T>(s, dy, gb, st) : 0;
 }
 
-// xt: x^T as transpose_x writes it, or null (then it is made here, in scratch).
+// Ring stages per warp: 4 (3 chunks in flight) where the 8 warps' rings fit in 192 KB, else 3.
+template <int LW, int NTW>
+constexpr int dw_ring_stages() { return kDwThreads / 32 * 4 * DwRing<LW, NTW>::kStage <= 192 * 1024 ? 4 : 3; }
+
+// Whether dw_mma_ring can take shape s with these operands.
+template <int LW, int NTW>
+bool dw_ring_ok(xmc_gsffi_shape s, const void *dy) {
+  const size_t smem = (size_t)kDwThreads / 32 * dw_ring_stages<LW, NTW>() * DwRing<LW, NTW>::kStage;
+  return s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0 && smem <= (size_t)smem_optin();
+}
+
+// xt: x^T as transpose_x writes it, or null (then it is made here, in scratch). An item of 8 LW labels x 8 NTW
+// slots has LW / 2 x NTW x 4 accumulators per lane; 128 only in the ring kernel, whose operands wait in shared
+// memory (dw_mma's registers for two chunks in flight would spill), so without the ring LW = 8 takes NTW = 4.
 template <class T, int LW, int NTW>
 int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const void *xt_given, const int32_t *idx,
                     void *gw, void *gb, cudaStream_t st) {
+  const bool ring_ok = dw_ring_ok<LW, NTW>(s, dy);
+  if constexpr (LW * NTW > 32)
+    if (!ring_ok) return grad_weight_mma<T, LW, 32 / LW>(s, dy, x, xt_given, idx, gw, gb, st);
   const int64_t Bp = xt_cols(s.batch);
   T *xt = (T *)xt_given;
   if (xt == nullptr && scratch_alloc((void **)&xt, (size_t)(s.in_features * Bp) * sizeof(T), st) != cudaSuccess) {
@@ -344,10 +376,8 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const void
   auto blocks = [&](int per_sm) {
     return xmin<int64_t>((int64_t)num_sms() * xmax(per_sm, 1), (n_items + warps - 1) / warps);
   };
-  constexpr int kNs = 4;  // ring stages: 3 chunks in flight per warp, 160-192 KB per block
+  constexpr int kNs = dw_ring_stages<LW, NTW>();
   const size_t ring_smem = (size_t)warps * kNs * DwRing<LW, NTW>::kStage;
-  const bool ring_ok = s.out_features % 8 == 0 && s.group_size % 8 == 0 && (uintptr_t)dy % 16 == 0 &&
-                       ring_smem <= (size_t)smem_optin();
   if (rc == 0 && ring_ok) {
     auto kernel = dw_mma_ring<T, LW, NTW, kNs>;
     const int per_sm = prepare(kernel, kDwThreads, ring_smem);
@@ -355,8 +385,8 @@ int grad_weight_mma(xmc_gsffi_shape s, const void *dy, const void *x, const void
                (const T *)xt, idx, (T *)gw, (T *)gb, s.batch, Bp, s.out_features, (int)s.fan_in, (int)s.group_size,
                nlc, nsc, n_items);
     rc = last_error();
-  } else if (rc == 0) {
-    auto kernel = dw_mma<T, LW, NTW>;
+  } else if (rc == 0 && LW * NTW <= 32) {
+    auto kernel = dw_mma<T, LW, LW * NTW <= 32 ? NTW : 32 / LW>;
     const int per_sm = prepare(kernel, kDwThreads, 0);
     const bool dy_vec = s.out_features % LW == 0 && s.group_size % LW == 0 && (uintptr_t)dy % (2 * LW) == 0;
     launch_pdl(kernel, dim3((unsigned)blocks(per_sm)), dim3(kDwThreads), 0, st, (const T *)dy, (const T *)xt, idx,
@@ -374,8 +404,11 @@ int grad_weight_half(xmc_gsffi_shape s, const void *dy, const void *x, const voi
   if (!gw) return grad_bias_generic<T>(s, dy, gb, st);
   const bool ok = s.fan_in % 8 == 0 && (uintptr_t)gw % 4 == 0;
   if (!ok) return grad_weight_generic<T>(s, dy, x, idx, gw, gb, st);
-  // Accumulators: (LW / 2) x NTW x 4 registers = 64.
-  if (s.group_size > 32) return grad_weight_mma<T, 8, 4>(s, dy, x, xt, idx, gw, gb, st);
+  // Accumulators: (LW / 2) x NTW x 4 registers = 64, or 128 where G > 32 and F > 32: then one item takes 64
+  // slots and each group's grad_y is read ceil(F / 64) times instead of ceil(F / 32) (measured: gpu_notes.md).
+  if (s.group_size > 32)
+    return s.fan_in > 32 ? grad_weight_mma<T, 8, 8>(s, dy, x, xt, idx, gw, gb, st)
+                         : grad_weight_mma<T, 8, 4>(s, dy, x, xt, idx, gw, gb, st);
   if (s.group_size > 16) return grad_weight_mma<T, 4, 8>(s, dy, x, xt, idx, gw, gb, st);
   return grad_weight_mma<T, 2, 8>(s, dy, x, xt, idx, gw, gb, st);
 }
