@@ -96,11 +96,12 @@ def run_check(small=False):
         (9, 64, 50, 64, 7), (48, 128, 512, 16, 200),
     ]
     if small:
-        # B >= 64 takes grad_input's kernels compiled for F = 64 / 128 and 8 warps. At H = 768 the last two
-        # have room for two grad_y ring stages (quads) and for none (warp pairs); the others are quads or
-        # 48-row pairs
+        # B >= 64 takes grad_input's kernels compiled for F = 64 / 128 and 8 warps. The last four have room
+        # for two grad_y ring stages (quads), for none (warp pairs), and for three of half a group (quads; F =
+        # 128, and F = 72 compiled for any F); the others are quads or 48-row pairs
         shapes = [(5, 33, 37, 7, 5), (17, 96, 301, 64, 32), (33, 64, 130, 24, 12), (20, 200, 100, 128, 64),
-                  (70, 96, 301, 64, 32), (65, 160, 200, 128, 64), (70, 768, 600, 128, 32), (65, 768, 300, 128, 64)]
+                  (70, 96, 301, 64, 32), (65, 160, 200, 128, 64), (70, 768, 600, 128, 32), (65, 768, 300, 128, 64),
+                  (70, 740, 640, 128, 64), (64, 768, 520, 72, 48)]
     dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
     rows, all_ok = [], True
     for (B, Hh, L, F, G) in shapes:

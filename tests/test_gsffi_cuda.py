@@ -18,9 +18,13 @@ pytestmark = pytest.mark.skipif(
 
 # (B, H, L, F, G): every fast-path template (G 8/16/32/64/128, F 8..256), L not a multiple of G, B = 1,
 # B beyond one batch tile (128 rows), H too large for the shared-memory tile (generic path), odd G; grad_input
-# in quads (B = 17, 77, 64; 70 with two ring stages), in pairs of 16 or 48 rows (B = 1, 33, 40, 129) and of 64
-# rows without the grad_y ring (257).
+# in quads (B = 17, 77, 64; 70 with two ring stages), in quads with three or more half-group ring stages (G =
+# 64, 104, 48 at H = 740, 700, 768, the last group's second half part-filled), in pairs of 16 or 48 rows (B = 1,
+# 33, 40, 129) and of 64 rows without the grad_y ring (257).
 SHAPES = [
+    (70, 740, 1000, 128, 64),
+    (65, 700, 1000, 64, 104),
+    (64, 768, 1000, 72, 48),
     (1, 768, 1000, 64, 32),
     (77, 768, 4008, 64, 32),
     (17, 768, 4099, 64, 32),

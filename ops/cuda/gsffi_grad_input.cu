@@ -266,13 +266,18 @@ __host__ __device__ inline int64_t acc_tbytes(int64_t H, int R) { return H * R *
 // fan-in checks then fold away (with both at run time the loop body is mostly index arithmetic, and the
 // kernel is instruction bound). DYR: grad_y comes through the ring (else each thread loads its rows' pieces
 // one group ahead); fixed at compile time so that neither path carries the other's register moves.
-template <class T, int KCG, int FT, int NWT, bool DYR, int NT>
+// SPG: ring stages per group. 1: a stage holds a whole group (kRows = 32 KCG >= G labels). 2: a stage holds
+// half a group's labels (G <= 2 kRows), so that a ring with grad_y fits where whole-group stages do not (F = 96,
+// G = 48 at H = 768); the products of the two halves add up in registers and the accumulators take them once,
+// at the second half. That needs every fan-in slot in one pass of the tile loop (F <= 128) and the ring.
+template <class T, int KCG, int FT, int NWT, bool DYR, int NT, int SPG>
 __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dx_mma_staged(const T *__restrict__ dy, const T *__restrict__ w, const int32_t *__restrict__ idx,
                   float *__restrict__ part, int64_t B, int H, int64_t L, int F_arg, int G, int64_t n_groups, int nbt,
                   int R_arg, int ns, int stage_bytes, bool dy_vec) {
   pdl_begin();  // launched with launch_pdl
   constexpr bool dy_ring = DYR;
+  static_assert(SPG == 1 || (SPG == 2 && DYR), "half-group stages carry grad_y in the ring");
   extern __shared__ __align__(16) float accs[];
   const int F = FT ? FT : F_arg, nthreads = NWT ? NWT * 32 : (int)blockDim.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
@@ -281,7 +286,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   for (int e = threadIdx.x; e < H * R; e += nthreads) accs[e] = 0.f;
   unsigned char *ring = reinterpret_cast<unsigned char *>(accs) + acc_tbytes(H, R);
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
-  constexpr int kRows = 32 * KCG;  // weight rows per stage, zero past the group's end
+  constexpr int kRows = 32 * KCG;  // weight rows per stage, zero past the group's (or half's) end
   const int cpr = F / 8, smask = cpr % 8 == 0 ? 7 : 0;
   const int cpr_shift = (cpr & (cpr - 1)) == 0 ? __ffs(cpr) - 1 : -1;  // a shift, not a division, per chunk
   const int dy_off = kRows * F * 2 + F * 4;  // grad_y tile after weights and ids (dy_ring only)
@@ -308,16 +313,19 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     dy_dst[it] = dy_off + r * kRows * 2 + c8 * 16;
     dy_c8[it] = 8 * c8;
   }
-  // The copies are issued for groups g_begin, g_begin + 1, ... in turn: their base pointers advance by one
-  // group per call (the 64-bit products g * G * F and g * F were a third of the group loop).
+  // The copies are issued for the stages of groups g_begin, g_begin + 1, ... in turn: their base pointers
+  // advance by one group after a group's last stage (the 64-bit products g * G * F and g * F were a third of the
+  // group loop). Stage hi of group gi holds its labels li + hi kRows ...; the feature ids come with its last.
   int64_t gi = g_begin, li = g_begin * G;
+  int hi = 0;
   const T *wi = w + li * F;
   const int32_t *ii = idx + g_begin * F;
   const int64_t wstep = (int64_t)G * F;
   auto issue = [&](int slot) {
     if (gi < g_end) {
       const uint32_t sb = ring_s + slot * stage_bytes;
-      const int nval = gi + 1 < n_groups ? G : (int)(L - li);
+      const int nval = (gi + 1 < n_groups ? G : (int)(L - li)) - hi * kRows;  // this stage's labels (<= kRows used)
+      const T *ws = wi + hi * kRows * F;
       // Loops of the form e0 += nthreads with e = e0 + tid: a fixed trip count when FT and NWT are set, so they
       // unroll and everything but the group's base address is hoisted out of the group loop.
 #pragma unroll
@@ -326,26 +334,30 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
         if (e >= kRows * cpr) break;
         const int r = cpr_shift >= 0 ? e >> cpr_shift : e / cpr, col = e - r * cpr;
         const bool ok = r < nval;
-        cp_async16(sb + r * F * 2 + ((col ^ stage_swz(r, smask)) << 4), ok ? wi + r * F + col * 8 : w, ok ? 16 : 0);
+        cp_async16(sb + r * F * 2 + ((col ^ stage_swz(r, smask)) << 4), ok ? ws + r * F + col * 8 : w, ok ? 16 : 0);
       }
+      if (hi == SPG - 1)
 #pragma unroll
-      for (int e0 = 0; e0 < F / 4; e0 += nthreads) {
-        const int e = e0 + (int)threadIdx.x;
-        if (e < F / 4) cp_async16(sb + kRows * F * 2 + e * 16, ii + e * 4, 16);
-      }
+        for (int e0 = 0; e0 < F / 4; e0 += nthreads) {
+          const int e = e0 + (int)threadIdx.x;
+          if (e < F / 4) cp_async16(sb + kRows * F * 2 + e * 16, ii + e * 4, 16);
+        }
       if (dy_ring) {  // the block's grad_y rows of this group: kRows labels each, zeros past the group or batch
 #pragma unroll
         for (int it = 0; it < KCG; ++it) {
           const int n = dy_src[it] != nullptr ? xmax(0, xmin(8, nval - dy_c8[it])) : 0;
-          cp_async16(sb + dy_dst[it], n > 0 ? dy_src[it] + li : dy, 2 * n);
+          cp_async16(sb + dy_dst[it], n > 0 ? dy_src[it] + li + hi * kRows : dy, 2 * n);
         }
       }
     }
     cp_async_commit();
-    ++gi;
-    li += G;
-    wi += wstep;
-    ii += F;
+    if (++hi == SPG) {
+      hi = 0;
+      ++gi;
+      li += G;
+      wi += wstep;
+      ii += F;
+    }
   };
   // Without the ring, each thread loads its rows' pieces (rows wrow + 8 n + r4) one group ahead.
   auto load_dy = [&](uint4 d[NT][KCG], int64_t g) {
@@ -384,8 +396,13 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
   for (int n = 0; n < NT; ++n) dy_row[n] = (uint32_t)(dy_off + (8 * NT * wp + 8 * n + r4) * kRows * 2);
   // Ring slots counted in int: a 64-bit % by a run-time ns is a ~70-instruction call, three times per group.
   int slot = 0, slot_next = ns - 1;
-  for (int64_t g = g_begin; g < g_end; ++g, slot = slot + 1 == ns ? 0 : slot + 1,
-               slot_next = slot_next + 1 == ns ? 0 : slot_next + 1) {
+  constexpr int MT = 8 / NT, NC = NT / 2;  // MT: 16-slot tiles per pass; NC: 16-byte chunks (4 rows) of a slot
+  float acc[MT][NT][4];  // SPG = 2: the group's products so far (one pass of the tile loop, F <= 128)
+  for (int64_t g = g_begin; g < g_end; ++g)
+#pragma unroll
+  for (int hf = 0; hf < SPG; ++hf, slot = slot + 1 == ns ? 0 : slot + 1,
+           slot_next = slot_next + 1 == ns ? 0 : slot_next + 1) {
+    const bool first = hf == 0, last = hf == SPG - 1;  // the group's first and last stage
     if (ns == 2) cp_async_wait<0>(); else if (ns == 3) cp_async_wait<1>(); else cp_async_wait<2>();
     __syncthreads();  // stage i is in; every warp is done with the stage that the next issue overwrites
     issue(slot_next);
@@ -408,8 +425,8 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
     const uint32_t ids_s = sb + kRows * F * 2;
     // This warp's 16-slot tiles par, par + NT, ..., MT at a time (32 accumulators). The accumulators' old values
     // are read first, so their latency (feature id, address, then the 128-bit read) overlaps the products; then
-    // all writes (a group's feature ids are distinct, so no write waits on another's read).
-    constexpr int MT = 8 / NT, NC = NT / 2;  // NC: 16-byte chunks (4 rows each) of a slot per thread
+    // all writes (a group's feature ids are distinct, so no write waits on another's read). SPG = 2: the first
+    // half's products stay in acc, and the second adds to them before the accumulators are read and written.
 #pragma unroll
     for (int m0 = par; m0 * 16 < F; m0 += NT * MT) {
       // access k = (2 m + u) NC + c: slot 16 (m0 + NT m) + 8 u + r4, chunk c of its rows
@@ -418,7 +435,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
 #pragma unroll
       for (int mu = 0; mu < 2 * MT; ++mu) {
         const int t = 16 * (m0 + NT * (mu >> 1)) + 8 * (mu & 1) + r4;
-        if (t < F) {
+        if (last && t < F) {
           const uint32_t h = (uint32_t)lds_i32(ids_s + 4 * t);
 #pragma unroll
           for (int c = 0; c < NC; ++c) {
@@ -429,11 +446,11 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
           }
         }
       }
-      float acc[MT][NT][4];
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
+        if (first)
 #pragma unroll
-        for (int n = 0; n < NT; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+          for (int n = 0; n < NT; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
         const int t16 = 16 * (m0 + NT * m);
         if (t16 >= F) break;
         // the upper 8 slots of a last, half tile (F = 8 mod 16) read chunk cpr - 1 again; their rows of P are unused
@@ -453,7 +470,7 @@ __global__ void __launch_bounds__(kDxMaxWarps * 32, 1)
 #pragma unroll
       for (int mu = 0; mu < 2 * MT; ++mu) {
         const int t = 16 * (m0 + NT * (mu >> 1)) + 8 * (mu & 1) + r4, m = mu >> 1, u = mu & 1;
-        if (t < F) {
+        if (last && t < F) {
 #pragma unroll
           for (int c = 0; c < NC; ++c) {
             const int c0 = NT == 2 ? 0 : c ^ 1;  // chunk c0 where odd, c elsewhere, with compile-time indices
@@ -577,19 +594,19 @@ int grad_input_mma(xmc_gsffi_shape s, const void *dy, const void *w, const int32
 
 // The staged kernel for `pairs` warp pairs (16 rows each) in teams of NT warps, with the fan-in and warp count
 // fixed where they are the common ones (F = 64 or 128, 8 warps).
-template <class T, int KCG, bool DYR, int NT>
+template <class T, int KCG, bool DYR, int NT, int SPG = 1>
 int grad_input_staged(xmc_gsffi_shape s, const void *dy, const void *w, const int32_t *idx, DxOut gx, cudaStream_t st,
                       int pairs, bool dy_vec, int ns, int stage_bytes) {
   const int nwarps = 2 * pairs, rows = 16 * pairs;
   const size_t smem = (size_t)acc_tbytes(s.in_features, rows) + (size_t)ns * stage_bytes;
   if (nwarps == 8 && s.fan_in == 64)
-    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 64, 8, DYR, NT>, smem, rows,
-                            ns, stage_bytes, dy_vec);
+    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 64, 8, DYR, NT, SPG>, smem,
+                            rows, ns, stage_bytes, dy_vec);
   if (nwarps == 8 && s.fan_in == 128)
-    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 128, 8, DYR, NT>, smem, rows,
-                            ns, stage_bytes, dy_vec);
-  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 0, 0, DYR, NT>, smem, rows, ns,
-                          stage_bytes, dy_vec);
+    return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 128, 8, DYR, NT, SPG>, smem,
+                            rows, ns, stage_bytes, dy_vec);
+  return grad_input_tc<T>(s, dy, w, idx, gx, st, nwarps, rows, dx_mma_staged<T, KCG, 0, 0, DYR, NT, SPG>, smem, rows,
+                          ns, stage_bytes, dy_vec);
 }
 
 template <class T, int KCG>
@@ -622,9 +639,19 @@ int grad_input_half(xmc_gsffi_shape s, const void *dy, const void *w, const int3
   while (pairs > 0 && acc_tbytes(s.in_features, 16 * pairs) + 2 * stage_w > optin) --pairs;
   if (pairs >= 1 && (uintptr_t)idx % 16 == 0) {
     const int64_t spare = optin - acc_tbytes(s.in_features, 16 * pairs);
-    const int stage_dy = (int)((stage_w + 16 * pairs * rows_w * 2 + 15) / 16 * 16);
-    const bool dy_ring = dy_ok && spare / stage_dy >= (pairs % 2 == 0 ? 2 : 3);
-    const int stage_bytes = dy_ring ? stage_dy : stage_w;
+    auto stage_dy = [&](int rows) {  // a stage of `rows` weight rows, the feature ids and the block's grad_y
+      return (int)((rows * s.fan_in * 2 + s.fan_in * 4 + 16 * pairs * rows * 2 + 15) / 16 * 16);
+    };
+    const bool dy_ring = dy_ok && spare / stage_dy(rows_w) >= (pairs % 2 == 0 ? 2 : 3);
+    // Where whole-group stages with grad_y do not fit twice, half-group ones may (quads, F <= 128), but only 3
+    // or more of them beat pairs without the ring: in-run A/B at (256, 670080), F = 96 with G = 48 (3 stages)
+    // 1.23 -> 1.00 ms; F = 128 with G = 64 (2 stages) 0.54 -> 0.60, and 2.3 -> 2.6 at L = 3M.
+    if (!dy_ring && dy_ok && pairs % 2 == 0 && kcg >= 2 && s.fan_in <= 128 && spare / stage_dy(rows_w / 2) >= 3) {
+      const int half = stage_dy(rows_w / 2), ns = (int)xmin<int64_t>(4, spare / half);
+      if (kcg == 2) return grad_input_staged<T, 1, true, 4, 2>(s, dy, w, idx, gx, st, pairs, dy_ok, ns, half);
+      return grad_input_staged<T, 2, true, 4, 2>(s, dy, w, idx, gx, st, pairs, dy_ok, ns, half);
+    }
+    const int stage_bytes = dy_ring ? stage_dy(rows_w) : stage_w;
     const int ns = (int)xmin<int64_t>(4, spare / stage_bytes);
     if (kcg == 1) return grad_input_staged<T, 1>(s, dy, w, idx, gx, st, pairs, dy_ok, ns, stage_bytes, dy_ring);
     if (kcg == 2) return grad_input_staged<T, 2>(s, dy, w, idx, gx, st, pairs, dy_ok, ns, stage_bytes, dy_ring);
