@@ -93,10 +93,11 @@ def test_losses_reductions_and_no_bias(loss, reduction, device):
         assert_same_state(ref, ours, o_ref, o_ours)
 
 
-@pytest.mark.parametrize("F, G", [(16, 18), (128, 32)])
+@pytest.mark.parametrize("F, G", [(16, 18), (128, 32), (64, 32)])
 def test_bitwise_over_cuda_label_chunks(F, G, device, monkeypatch):
     """CUDA's bf16 path updates the weight one label chunk at a time (1 MB chunks: 5 here, the last partial);
-    each chunk draws the random bits the whole weight's update would."""
+    each chunk draws the random bits the whole weight's update would. F = 64, G = 32: the one-pass forward,
+    loss and weight gradient writes each chunk's weight gradient to scratch before the update."""
     if device == "cpu":
         pytest.skip("the label-chunked path is CUDA's")
     monkeypatch.setenv("XMC_FUSED_CHUNK_MB", "1")

@@ -237,7 +237,9 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
 //                                   takes its generic kernel, the plain forward writes the logits and
 //                                   grad_chunk turns them into the same gradients in place;
 //   grad_weight (gsffi_grad_weight.cu) writes the chunk's weight and bias gradients from the buffer (x^T for it
-//                                   is made once per step);
+//                                   is made once per step); where forward_loss_dw applies (bf16, G = 32,
+//                                   F = 64), it takes the place of this and the loss-gradient forward: one pass
+//                                   writes the loss gradients and the weight and bias gradients (fused_loss_dw.cu);
 //   grad_input_add_f32 (gsffi_grad_input.cu) adds the chunk's input gradient into an fp32 [B, H] accumulator.
 // Nothing is [B, L]; everything is deterministic (the OR of the mask is idempotent, every sum has a fixed order).
 
@@ -396,7 +398,11 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     launch_pdl(mark_positives, dim3((unsigned)((B + 7) / 8)), dim3(256), 0, st, indptr, labels, B,
                c0 == 0 ? (int64_t)-1 : c0 - nl, c0, nl, words, static_cast<uint32_t *>(bits));
     err = last_error();
-    if (!err && filter_applies(sc, wc)) {
+    const bool fd = want_gw && forward_loss_dw_applies(sc, dt, wc, bc, buf, gwc, gbc);
+    if (!err && fd) {
+      err = forward_loss_dw(sc, xt, wc, ic, bc, buf, gwc, gbc,
+                            {static_cast<const uint32_t *>(bits), words, zscale, kind, bl}, st);
+    } else if (!err && filter_applies(sc, wc)) {
       err = forward_loss_grad(sc, dt, x, wc, ic, bc, buf,
                               {static_cast<const uint32_t *>(bits), words, zscale, kind, bl}, st);
     } else if (!err) {
@@ -407,7 +413,7 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
       if (!err) launch(nb, st, kind, buf, bits, B, n, words, zscale, vec, bl);
       if (!err) err = last_error();
     }
-    if (!err) err = grad_weight_bias_xt(sc, dt, buf, x, want_gw ? xt : nullptr, ic, gwc, gbc, st);
+    if (!err && !fd) err = grad_weight_bias_xt(sc, dt, buf, x, want_gw ? xt : nullptr, ic, gwc, gbc, st);
     if (!err && gw && post != 1.f) {
       scale_half<<<(unsigned)((n * F + 255) / 256), 256, 0, st>>>(static_cast<__half *>(gwc), n * F, post);
       err = last_error();

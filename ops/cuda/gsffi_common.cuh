@@ -356,6 +356,12 @@ struct FwdLoss {
 int64_t forward_loss_parts();
 int forward_loss_grad(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                       const void *bias, void *y, FwdLoss lg, cudaStream_t st);
+// The loss-gradient forward and the weight and bias gradients of one label chunk in one pass (fused_loss_dw.cu),
+// for the shapes where forward_loss_dw_applies; x^T as transpose_x makes it.
+bool forward_loss_dw_applies(xmc_gsffi_shape s, xmc_dtype dt, const void *w, const void *bias, const void *dy,
+                             const void *gw, const void *gb);
+int forward_loss_dw(xmc_gsffi_shape s, const void *xt, const void *w, const int32_t *idx, const void *bias,
+                    void *dy, void *gw, void *gb, FwdLoss lg, cudaStream_t st);
 // The bf16 / fp16 forward (tensor-core shapes, filter_applies) that returns at once unless *run_if != 0.
 int forward_gated(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                   const void *bias, void *y, const int *run_if, cudaStream_t st);
