@@ -173,26 +173,25 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
       __syncwarp();  // every lane's copies of this slice are in; every lane is done with the slice issue() refills
       if (kb == 0) {
         const uint32_t wb = wbuf + (uint32_t)(wb_c * kFdW);
+        // word u of fragment (mt, kc, s): label 16 mt + 8 (u & 1) + r4, slots 32 kc + 8 q + 4 s + 2 (u >> 1), + 1;
+        // one 32-bit load each, straight into its place (16-byte loads of a label row left the compiler
+        // rebuilding every fragment from them before each mma: ~128 moves per chunk)
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          uint4 wq[2][2];  // label 16 mt + 8 h + r4, slots 32 kc + 8 q .. + 7
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int l = 16 * mt + 8 * h + r4;
-#pragma unroll
-            for (int kc = 0; kc < 2; ++kc) wq[h][kc] = lds_u32x4(wb + l * 128 + (((4 * kc + q) ^ ((l & 1) << 2)) << 4));
-            bia[mt][h] = unpack2(T(), lds_u16(wb + 4096 + 2 * l)).x;
-          }
+        for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
           for (int kc = 0; kc < 2; ++kc)
 #pragma unroll
-            for (int s = 0; s < 2; ++s) {
-              wa[mt][kc][s][0] = word(wq[0][kc], 2 * s);
-              wa[mt][kc][s][1] = word(wq[1][kc], 2 * s);
-              wa[mt][kc][s][2] = word(wq[0][kc], 2 * s + 1);
-              wa[mt][kc][s][3] = word(wq[1][kc], 2 * s + 1);
-            }
-        }
+            for (int s = 0; s < 2; ++s)
+#pragma unroll
+              for (int u = 0; u < 4; ++u) {
+                const int l = 16 * mt + 8 * (u & 1) + r4;
+                wa[mt][kc][s][u] = (uint32_t)lds_i32(wb + l * 128 + (((4 * kc + q) ^ ((l & 1) << 2)) << 4) +
+                                                     4 * (2 * s + (u >> 1)));
+              }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) bia[mt][h] = unpack2(T(), lds_u16(wb + 4096 + 2 * (16 * mt + 8 * h + r4))).x;
         wb_c ^= 1;
       }
       issue();
@@ -227,31 +226,43 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-          uint32_t v[4], pos = 0;
+        for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
             const int h = u & 1, nt = 2 * ks + (u >> 1);
-            v[u] = pack2(T(), y[mt][nt][2 * h] + bia[mt][h], y[mt][nt][2 * h + 1] + bia[mt][h]);
-            if (valid < 32) {
-              const int row = 8 * nt + 2 * q;
-              if (row >= valid) v[u] = (v[u] & 0xffff0000u) | 0xff80u;
-              if (row + 1 >= valid) v[u] = (v[u] & 0x0000ffffu) | 0xff800000u;
-            }
-            if (anyp) {
+            ga[mt][ks][u] = pack2(T(), y[mt][nt][2 * h] + bia[mt][h], y[mt][nt][2 * h + 1] + bia[mt][h]);
+          }
+      if (KIND == XMC_LOSS_BCE && valid == 32 && !anyp) {  // the common case: 32 negatives side by side
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int ks = 0; ks < 2; ++ks) {
+            const uint4 g = bce_negatives8<T>(make_uint4(ga[mt][ks][0], ga[mt][ks][1], ga[mt][ks][2], ga[mt][ks][3]),
+                                              a.lg.zscale, item_loss);
+            ga[mt][ks][0] = g.x, ga[mt][ks][1] = g.y, ga[mt][ks][2] = g.z, ga[mt][ks][3] = g.w;
+          }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int ks = 0; ks < 2; ++ks) {
+            uint32_t pos = 0;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int h = u & 1, nt = 2 * ks + (u >> 1), row = 8 * nt + 2 * q;
+              if (row >= valid) ga[mt][ks][u] = (ga[mt][ks][u] & 0xffff0000u) | 0xff80u;
+              if (row + 1 >= valid) ga[mt][ks][u] = (ga[mt][ks][u] & 0x0000ffffu) | 0xff800000u;
 #pragma unroll
               for (int j = 0; j < 2; ++j) {
-                const uint32_t wr = __shfl_sync(0xffffffffu, pw, 8 * nt + 2 * q + j);
+                const uint32_t wr = __shfl_sync(0xffffffffu, pw, row + j);
                 pos |= ((wr >> (16 * mt + 8 * h + r4)) & 1u) << (2 * u + j);
               }
             }
+            const uint4 g = loss_grad8<T, KIND>(make_uint4(ga[mt][ks][0], ga[mt][ks][1], ga[mt][ks][2], ga[mt][ks][3]),
+                                                pos, 8, a.lg.zscale, item_loss);
+            ga[mt][ks][0] = g.x, ga[mt][ks][1] = g.y, ga[mt][ks][2] = g.z, ga[mt][ks][3] = g.w;
           }
-          const uint4 g = loss_grad8<T, KIND>(make_uint4(v[0], v[1], v[2], v[3]), pos, 8, a.lg.zscale, item_loss);
-          ga[mt][ks][0] = g.x;
-          ga[mt][ks][1] = g.y;
-          ga[mt][ks][2] = g.z;
-          ga[mt][ks][3] = g.w;
-        }
+      }
 
       // dy out: each 8 x 8 block (labels x rows) transposed to rows x labels, staged, then 64-byte rows
 #pragma unroll
