@@ -174,8 +174,9 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
       if (kb == 0) {
         const uint32_t wb = wbuf + (uint32_t)(wb_c * kFdW);
         // word u of fragment (mt, kc, s): label 16 mt + 8 (u & 1) + r4, slots 32 kc + 8 q + 4 s + 2 (u >> 1), + 1;
-        // one 32-bit load each, straight into its place (16-byte loads of a label row left the compiler
-        // rebuilding every fragment from them before each mma: ~128 moves per chunk)
+        // one 32-bit load each, in fragment order. (With 16-byte loads of label rows the compiler rebuilt each
+        // fragment before every mma; it still copies them into fresh registers per mma with these loads,
+        // ~120 moves per chunk in the SASS: a cost this kernel, latency bound at 2 warps per scheduler, hides.)
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
