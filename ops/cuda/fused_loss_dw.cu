@@ -36,25 +36,6 @@ constexpr size_t kFdSmem = (size_t)kFdWarps * kFdWarpBytes;
 
 __device__ __forceinline__ int fd_swz(int r) { return ((r >> 1) ^ (r >> 3)) & 3; }
 
-__device__ __forceinline__ uint32_t movm_trans(uint32_t a) {
-  uint32_t d;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
-  return d;
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t smem_addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr));
-}
-__device__ __forceinline__ void sts_u32(uint32_t a, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t lds_u16(uint32_t a) {
-  unsigned short v;
-  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(a));
-  return v;
-}
-
 template <class T>
 struct FdArgs {
   const T *xt, *w, *bias;

@@ -76,6 +76,18 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t smem_addr)
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr));
 }
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t smem_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr));
+}
+// The 8 x 8 16-bit matrix whose fragment a is (lane i: row i / 4, columns 2 (i % 4), + 1), transposed, in the
+// same fragment layout.
+__device__ __forceinline__ uint32_t movm_trans(uint32_t a) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
+}
 
 // 16-byte global -> shared copy that bypasses registers: the first src_bytes (0..16) come from gmem, the rest
 // of the 16 are zeros.
@@ -96,6 +108,14 @@ __device__ __forceinline__ uint4 lds_u32x4(uint32_t a) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
   return v;
+}
+__device__ __forceinline__ uint32_t lds_u16(uint32_t a) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ void sts_u32(uint32_t a, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
 }
 __device__ __forceinline__ uint2 lds_u32x2(uint32_t a) {
   uint2 v;
