@@ -8,16 +8,20 @@
 // (64 slots x 32 batch entries, gathered from x^T [H, Bp] by the group's feature ids), 3 chunks ahead and
 // straight on across items, with the next item's weights and biases (one of two buffers) copied beside its
 // first chunk. Per chunk:
-//   forward    y^T (32 labels x 32 rows) = W_g (A, from registers) x^T (B, ldmatrix.trans), 32 mma;
+//   forward    y^T (32 labels x 32 rows) = W_g (A, ldmatrix) x^T (B, ldmatrix.trans), 32 mma;
 //   loss       bias, rounding to bf16, then loss_grad8 (the same per-logit math as the loss-gradient forward)
 //              on 8 logits at a time, taken so that its results are the weight gradient's A fragments; the
 //              positives from the chunk's bit mask;
 //   dy out     each 8 x 8 block transposed in registers (movmatrix), staged per warp, stored as 64-byte rows;
 //   weight     grad W_g (32 x 64) += dy^T (A: the loss gradients' registers as they are, no shuffle) x x
 //              (B, ldmatrix of the same slice), plus one mma per tile with an all-ones B for the bias gradient.
-// The forward's k order is relabelled (logical k 2q, 2q + 1, 2q + 8, 2q + 9 of a k16 step are physical slots
-// 8q + 4s .. 8q + 4s + 3 of a 32-slot half), so a lane's A fragments are 16-byte weight loads; the ldmatrix
-// row addresses follow the same relabelling.
+// The forward's k order is the layer forward's (gsffi_common.cuh: logical k 2q, 2q + 1, 2q + 8, 2q + 9 of k16
+// step s are physical slots 8q + 4s .. 8q + 4s + 3 of a 32-slot half), so the logits, and so the loss and its
+// gradients, are bitwise those of the separate kernels. The x^T rows of an ldmatrix follow it through their
+// addresses. The weights are copied 4 bytes at a time into the order ldmatrix wants: label row l (128 bytes)
+// holds 16-byte piece c = 4 kc + 2 s + h (words q = 0..3: physical slots 32 kc + 8 q + 4 s + 2 h, + 1) at
+// c ^ (l & 7), so a fragment is one ldmatrix per slice, free of bank conflicts. (Held in registers across an
+// item, the fragments were copied before every mma: ~120 moves per slice, and 26 more registers.)
 //
 // A slice's slot row r (64 bytes) keeps its 16-byte chunk c at c ^ ((r >> 1 ^ r >> 3) & 3): both the forward's
 // rows (slots {0, 1, 8, 9, 16, 17, 24, 25} + const) and the weight gradient's (8 consecutive slots) then fall
@@ -73,6 +77,8 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
     for (int j = 0; j < 8; ++j) c_ids[j] = p_ids[j];
     load_ids(p_item + wstride);
   };
+  // weight pair p = lane (slots 2 p, 2 p + 1) of every label row: physical k 8 q + 4 s + 2 h (+ 1) of half kc
+  const int w_cc = 4 * (lane >> 4) + 2 * ((lane >> 1) & 1) + (lane & 1), w_q4 = 4 * ((lane >> 2) & 3);
   auto issue = [&]() {
     if (p_item < n_groups) {
       const uint32_t sb = ring + (uint32_t)(p_slot * kFdSlice);
@@ -82,14 +88,11 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
         const int slot = lane / 4 + 8 * j, c = lane & 3;
         cp_async16(sb + slot * 64 + ((c ^ fd_swz(slot)) << 4), src + c_ids[j], 16);
       }
-      if (p_kb == 0) {  // the item's weights (label row l: 16-byte chunk c at c ^ 4 (l & 1)) and biases
+      if (p_kb == 0) {  // the item's weights, 4 bytes a copy (the layout above), and biases
         const uint32_t wb = wbuf + (uint32_t)(p_wb * kFdW);
-        const T *ws = a.w + p_item * 32 * 64;
+        const T *ws = a.w + p_item * 32 * 64 + 2 * lane;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int e = lane + 32 * j, l = e >> 3, c = e & 7;
-          cp_async16(wb + l * 128 + ((c ^ ((l & 1) << 2)) << 4), ws + e * 8, 16);
-        }
+        for (int l = 0; l < 32; ++l) cp_async4(wb + l * 128 + (((w_cc ^ (l & 7)) << 4) | w_q4), ws + l * 64);
         if (lane < 4)
           cp_async16(wb + 4096 + lane * 16, a.bias != nullptr ? a.bias + p_item * 32 + lane * 8 : a.w,
                      a.bias != nullptr ? 16 : 0);
@@ -127,6 +130,16 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
     const int slot = 8 * nt + (lane & 7), c = lane >> 3;
     wo[nt] = (uint32_t)(slot * 64 + ((c ^ fd_swz(slot)) << 4));
   }
+  // Forward A (x4) from the item's weights, half kc, k16 step s: matrix m is word u = m of the fragment, labels
+  // 8 (m % 2) + lane % 8 (+ 16 mt), its row the 16-byte piece 4 kc + 2 s + m / 2 of the label.
+  uint32_t wo_a[2][2];
+#pragma unroll
+  for (int kc = 0; kc < 2; ++kc)
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int m = lane >> 3, l = 8 * (m & 1) + (lane & 7), c = 4 * kc + 2 * s + (m >> 1);
+      wo_a[kc][s] = (uint32_t)(l * 128 + ((c ^ (l & 7)) << 4));
+    }
   const uint32_t ones = pack2(T(), 1.f, 1.f);
   const bool want_b = a.gb != nullptr;
 
@@ -144,7 +157,7 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) accw[mt][nt][0] = accw[mt][nt][1] = accw[mt][nt][2] = accw[mt][nt][3] = 0.f;
     }
-    uint32_t wa[2][2][2][4];  // forward A fragments (m tile mt, half kc, k16 step s), built once per item
+    uint32_t wcur = 0;  // the item's weights and biases
     float bia[2][2];
     for (int kb = 0; kb < nkb; ++kb) {
       const int64_t b0 = (int64_t)kb * 32;
@@ -154,22 +167,7 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
       __syncwarp();  // every lane's copies of this slice are in; every lane is done with the slice issue() refills
       if (kb == 0) {
         const uint32_t wb = wbuf + (uint32_t)(wb_c * kFdW);
-        // word u of fragment (mt, kc, s): label 16 mt + 8 (u & 1) + r4, slots 32 kc + 8 q + 4 s + 2 (u >> 1), + 1;
-        // one 32-bit load each, in fragment order. (With 16-byte loads of label rows the compiler rebuilt each
-        // fragment before every mma; it still copies them into fresh registers per mma with these loads,
-        // ~120 moves per chunk in the SASS: a cost this kernel, latency bound at 2 warps per scheduler, hides.)
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int kc = 0; kc < 2; ++kc)
-#pragma unroll
-            for (int s = 0; s < 2; ++s)
-#pragma unroll
-              for (int u = 0; u < 4; ++u) {
-                const int l = 16 * mt + 8 * (u & 1) + r4;
-                wa[mt][kc][s][u] = (uint32_t)lds_i32(wb + l * 128 + (((4 * kc + q) ^ ((l & 1) << 2)) << 4) +
-                                                     4 * (2 * s + (u >> 1)));
-              }
+        wcur = wb;
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -189,14 +187,16 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
       for (int kc = 0; kc < 2; ++kc)
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-          uint32_t bx[2][4];
+          uint32_t bx[2][4], wa[2][4];
           ldsm_x4_trans(bx[0], sb + fo[kc][s][0]);
           ldsm_x4_trans(bx[1], sb + fo[kc][s][1]);
+          ldsm_x4(wa[0], wcur + wo_a[kc][s]);
+          ldsm_x4(wa[1], wcur + wo_a[kc][s] + 16 * 128);
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt)
-              mma16816(T(), y[mt][nt], wa[mt][kc][s], bx[nt >> 1][2 * (nt & 1)], bx[nt >> 1][2 * (nt & 1) + 1]);
+              mma16816(T(), y[mt][nt], wa[mt], bx[nt >> 1][2 * (nt & 1)], bx[nt >> 1][2 * (nt & 1) + 1]);
         }
 
       // loss gradients, computed 8 at a time on the weight gradient's A fragments ga[mt][ks] (m tile mt, k16

@@ -94,6 +94,10 @@ __device__ __forceinline__ uint32_t movm_trans(uint32_t a) {
 __device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void *gmem, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
 }
+// 4-byte global -> shared copy (through L1: .cg takes 16 bytes only).
+__device__ __forceinline__ void cp_async4(uint32_t smem_addr, const void *gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr), "l"(gmem));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
