@@ -157,7 +157,9 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) accw[mt][nt][0] = accw[mt][nt][1] = accw[mt][nt][2] = accw[mt][nt][3] = 0.f;
     }
-    uint32_t wcur = 0;  // the item's weights and biases
+    // The item's weights and biases, read by every chunk of the item: their buffer is refilled for item g + 2,
+    // 3 chunks ahead, so at the earliest at item g + 1's first chunk (B > 64: at least 3 chunks per item).
+    uint32_t wcur = 0;
     float bia[2][2];
     for (int kb = 0; kb < nkb; ++kb) {
       const int64_t b0 = (int64_t)kb * 32;
