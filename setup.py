@@ -50,8 +50,14 @@ class BuildCLib(build_clib):
 
 
 cuda = with_cuda()
-if cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ:
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU is probed at build time; Hopper is the target
+if cuda:
+    # No GPU is probed at build time; Hopper is the target. Hopper is built as sm_90a, whose warpgroup MMA
+    # (wgmma) the fused loss's one-pass kernel needs: "9.0" in the list becomes "9.0a" (the same chips).
+    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0").replace(",", ";").split(";")
+    arches = [a.strip() for a in arches if a.strip()]
+    arches = ["9.0a" + a[3:] if a.startswith("9.0") and not a.startswith("9.0a") else a for a in arches]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arches)
+    SM90A = any(a.startswith("9.0a") for a in arches)
 
 # Link the shared libstdc++ that torch itself uses. A toolchain that ships only a static libstdc++ (seen on the GPU
 # machine: /opt/gcc) would otherwise embed a second copy whose locale is never initialised, and the first error
@@ -69,7 +75,7 @@ define_macros = []
 if cuda:
     Extension = cpp_extension.CUDAExtension
     sources += rel("ops/cuda/*.cu")
-    extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + (["-DXMC_SM90A"] if SM90A else [])
     define_macros.append(("TORCH_XMC_WITH_CUDA", "1"))
 
 setup(

@@ -1,44 +1,39 @@
 // The fused loss's forward, loss gradient and weight gradient of one label chunk in ONE pass (forward_loss_dw):
-// bf16, groups of G = 32 labels with F = 64 fan-in slots. Where it applies, it takes the place of the
-// loss-gradient forward followed by grad_weight (fused_loss.cu, launch_tc): the loss gradients leave for
-// grad_input as before, but grad_weight no longer reads them back, and the gathered x is read once for both
-// products.
+// bf16, groups of G = 32 labels with F = 64 fan-in slots, on Hopper's warpgroup MMA (wgmma, sm_90a). Where it
+// applies, it takes the place of the loss-gradient forward followed by grad_weight (fused_loss.cu, launch_tc):
+// the loss gradients leave for grad_input as before, but grad_weight no longer reads them back, and the
+// gathered x is read once for both products.
 //
-// A warp item is one group g. Its 32-row batch chunks stream through the warp's cp.async ring of x^T slices
-// (64 slots x 32 batch entries, gathered from x^T [H, Bp] by the group's feature ids), 3 chunks ahead and
-// straight on across items, with the next item's weights and biases (one of two buffers) copied beside its
-// first chunk. Per chunk:
-//   forward    y^T (32 labels x 32 rows) = W_g (A, ldmatrix) x^T (B, ldmatrix.trans), 32 mma;
-//   loss       bias, rounding to bf16, then loss_grad8 (the same per-logit math as the loss-gradient forward)
-//              on 8 logits at a time, taken so that its results are the weight gradient's A fragments; the
-//              positives from the chunk's bit mask;
-//   dy out     each 8 x 8 block transposed in registers (movmatrix), staged per warp, stored as 64-byte rows;
-//   weight     grad W_g (32 x 64) += dy^T (A: the loss gradients' registers as they are, no shuffle) x x
-//              (B, ldmatrix of the same slice), plus one mma per tile with an all-ones B for the bias gradient.
-// The forward's k order is the layer forward's (gsffi_common.cuh: logical k 2q, 2q + 1, 2q + 8, 2q + 9 of k16
-// step s are physical slots 8q + 4s .. 8q + 4s + 3 of a 32-slot half), so the logits, and so the loss and its
-// gradients, are bitwise those of the separate kernels. The x^T rows of an ldmatrix follow it through their
-// addresses. The weights are copied 4 bytes at a time into the order ldmatrix wants: label row l (128 bytes)
-// holds 16-byte piece c = 4 kc + 2 s + h (words q = 0..3: physical slots 32 kc + 8 q + 4 s + 2 h, + 1) at
-// c ^ (l & 7), so a fragment is one ldmatrix per slice, free of bank conflicts. (Held in registers across an
-// item, the fragments were copied before every mma: ~120 moves per slice, and 26 more registers.)
-//
-// A slice's slot row r (64 bytes) keeps its 16-byte chunk c at c ^ ((r >> 1 ^ r >> 3) & 3): both the forward's
-// rows (slots {0, 1, 8, 9, 16, 17, 24, 25} + const) and the weight gradient's (8 consecutive slots) then fall
-// on 8 distinct 16-byte bank groups.
+// A warpgroup item is one group g. Its 64-row batch slices stream through the warpgroup's cp.async ring of
+// x^T slices (64 slots x 64 batch entries, gathered from x^T [H, Bp] by the group's feature ids), 2 slices
+// ahead and straight on across items, with the next item's weights and biases (one of two buffers) copied
+// beside its first slice. Per slice:
+//   forward    y (64 rows x 32 labels) = x_g (A: the slice, M-major) W_g^T (B: the weights, K-major), 4 wgmma;
+//   loss       bias, rounding to bf16, then bce_negatives8 / loss_grad8 (the per-logit math of the
+//              loss-gradient forward) on each thread's 16 logits; the positives from the chunk's bit mask;
+//   dy         staged in shared memory (64-byte rows, swizzled), from where it is stored for grad_input as
+//              16-byte pieces and read by the tensor cores:
+//   weight     grad W_g^T (64 slots x 32 labels) += x_g^T (A: the same slice, K-major) dy (B: N-major),
+//              and grad b as all-ones (A) x dy, 4 wgmma each, asynchronous: they run under the next slice's
+//              copies and forward.
+// The forward's wgmma waits for everything before it, so a ring stage, a dy tile and a weight buffer are
+// refilled only after the tensor cores are done with them. With 16 warps per SM and no operand fragments in
+// registers, the loss's MUFU / FMA chains of four warps per scheduler overlap one another. (The mma.sync
+// version, one warp per group, 32-row slices, 8 warps per SM, is in git history: 167 us per chunk at
+// (256, 3M, 64, 32); see benchmarks/gpu_notes.md.)
 #include "gsffi_forward_tile.cuh"
 
 namespace xmc_cuda {
 namespace {
 
-constexpr int kFdWarps = 8, kFdThreads = 32 * kFdWarps, kFdStages = 4;
-constexpr int kFdSlice = 64 * 64;          // x^T of 64 slots x 32 batch entries
-constexpr int kFdW = 32 * 64 * 2 + 64;     // an item's weights (32 labels x 64 slots) and its 32 biases
-constexpr int kFdOut = 32 * 64;            // dy staging: 32 rows x 32 labels
-constexpr int kFdWarpBytes = kFdStages * kFdSlice + 2 * kFdW + kFdOut;
-constexpr size_t kFdSmem = (size_t)kFdWarps * kFdWarpBytes;
-
-__device__ __forceinline__ int fd_swz(int r) { return ((r >> 1) ^ (r >> 3)) & 3; }
+constexpr int kWgs = 4, kWgThreads = 128, kFdThreads = kWgs * kWgThreads, kFdStages = 3;
+constexpr int kFdSlice = 64 * 128;   // x^T of 64 slots (128-byte rows) x 64 batch entries
+constexpr int kFdW = 32 * 128;       // an item's weights: 32 labels x 64 slots (128-byte rows)
+constexpr int kFdDy = 64 * 64;       // dy of a slice: 64 rows x 32 labels (64-byte rows)
+constexpr int kFdBias = 64;          // an item's 32 biases
+constexpr int kFdOnes = 64 * 128;    // the all-ones A of the bias gradient
+constexpr int kFdWgBytes = (kFdStages * kFdSlice + 2 * kFdW + 2 * kFdDy + 2 * kFdBias + 1023) / 1024 * 1024;
+constexpr size_t kFdSmem = 1024 + kFdOnes + (size_t)kWgs * kFdWgBytes;  // + 1024: the base aligned up
 
 template <class T>
 struct FdArgs {
@@ -52,49 +47,52 @@ struct FdArgs {
 template <class T, xmc_loss KIND>
 __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
   pdl_begin();  // launched with launch_pdl
-  extern __shared__ __align__(16) unsigned char fd_smem[];
-  const T *__restrict__ xt = a.xt;
+  extern __shared__ unsigned char fd_smem[];
   const int64_t B = a.B, Bp = a.Bp, n_groups = a.n_groups, L = n_groups * 32;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3, r4 = lane >> 2;
-  const int64_t wstride = (int64_t)gridDim.x * kFdWarps;
-  const int nkb = (int)((B + 31) / 32);
-  const uint32_t base = (uint32_t)__cvta_generic_to_shared(fd_smem) + (uint32_t)(warp * kFdWarpBytes);
-  const uint32_t ring = base, wbuf = base + kFdStages * kFdSlice, out = wbuf + 2 * kFdW;
+  const int wg = threadIdx.x / kWgThreads, t = threadIdx.x % kWgThreads, w = t >> 5, lane = t & 31;
+  const int q = lane & 3, r4 = lane >> 2;
+  const int64_t wstride = (int64_t)gridDim.x * kWgs;
+  const int nkb = (int)((B + 63) / 64);
+  const uint32_t base0 = ((uint32_t)__cvta_generic_to_shared(fd_smem) + 1023u) & ~1023u, ones = base0;
+  const uint32_t base = base0 + kFdOnes + (uint32_t)(wg * kFdWgBytes);
+  const uint32_t ring = base, wbuf = ring + kFdStages * kFdSlice, dybuf = wbuf + 2 * kFdW, bbuf = dybuf + 2 * kFdDy;
+  for (int i = threadIdx.x; i < kFdOnes / 4; i += kFdThreads) sts_u32(ones + 4 * i, pack2(T(), 1.f, 1.f));
 
-  // Copy side: chunk p_kb of group p_item into slice p_slot; this lane's pieces are slots lane / 4 + 8 j,
-  // batch entries 8 (lane % 4) .. + 7 of the chunk. Feature ids one item ahead (their latency otherwise
-  // stalls the copies once per item).
-  int64_t p_item = (int64_t)blockIdx.x * kFdWarps + warp;
+  // Copy side: slice p_kb of group p_item into stage p_slot. This thread's pieces: slots t / 8 + 16 i (i < 4),
+  // batch entries 8 (t % 8) .. + 7 of the slice; weights of labels t / 8 + 16 i (i < 2), slots 8 (t % 8) .. + 7.
+  // All those rows are = t / 8 (mod 8), so the swizzled chunk is one per thread. Feature ids one item ahead.
+  const int cc = t & 7, crow = t >> 3;
+  const uint32_t cdst = (uint32_t)(crow * 128 + ((cc ^ (crow & 7)) << 4));
+  const unsigned char *xcol = reinterpret_cast<const unsigned char *>(a.xt + 8 * cc);
+  int64_t p_item = (int64_t)blockIdx.x * kWgs + wg;
   int p_kb = 0, p_slot = 0, p_wb = 0;
-  uint32_t c_ids[8], p_ids[8];  // element offsets of the x^T rows (id * Bp < 2^31: forward_loss_dw_applies)
+  uint32_t c_ids[4], p_ids[4];  // byte offsets of the x^T rows (2 id Bp < 2^32: forward_loss_dw_applies)
   auto load_ids = [&](int64_t g) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      p_ids[j] = g < n_groups ? (uint32_t)__ldg(a.idx + g * 64 + lane / 4 + 8 * j) * (uint32_t)Bp : 0u;
+    for (int i = 0; i < 4; ++i)
+      p_ids[i] = g < n_groups ? (uint32_t)__ldg(a.idx + g * 64 + crow + 16 * i) * (uint32_t)(2 * Bp) : 0u;
   };
   auto start_item = [&]() {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) c_ids[j] = p_ids[j];
+    for (int i = 0; i < 4; ++i) c_ids[i] = p_ids[i];
     load_ids(p_item + wstride);
   };
-  // weight pair p = lane (slots 2 p, 2 p + 1) of every label row: physical k 8 q + 4 s + 2 h (+ 1) of half kc
-  const int w_cc = 4 * (lane >> 4) + 2 * ((lane >> 1) & 1) + (lane & 1), w_q4 = 4 * ((lane >> 2) & 3);
   auto issue = [&]() {
     if (p_item < n_groups) {
-      const uint32_t sb = ring + (uint32_t)(p_slot * kFdSlice);
-      const T *src = xt + p_kb * 32 + 8 * (lane & 3);
+      const uint32_t sb = ring + (uint32_t)(p_slot * kFdSlice) + cdst;
+      // Bp is a multiple of 32: a piece is all in x^T or all past it (a zero-byte copy; its address stays in x^T)
+      const int64_t col = (int64_t)p_kb * 64;
+      const bool in = col + 8 * cc < Bp;
+      const unsigned char *src = xcol + (in ? 2 * col : 0);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int slot = lane / 4 + 8 * j, c = lane & 3;
-        cp_async16(sb + slot * 64 + ((c ^ fd_swz(slot)) << 4), src + c_ids[j], 16);
-      }
-      if (p_kb == 0) {  // the item's weights, 4 bytes a copy (the layout above), and biases
-        const uint32_t wb = wbuf + (uint32_t)(p_wb * kFdW);
-        const T *ws = a.w + p_item * 32 * 64 + 2 * lane;
+      for (int i = 0; i < 4; ++i) cp_async16(sb + 16 * 128 * i, src + c_ids[i], in ? 16 : 0);
+      if (p_kb == 0) {  // the item's weights and biases
+        const uint32_t wb = wbuf + (uint32_t)(p_wb * kFdW) + cdst;
+        const T *ws = a.w + (p_item * 32 + crow) * 64 + 8 * cc;
 #pragma unroll
-        for (int l = 0; l < 32; ++l) cp_async4(wb + l * 128 + (((w_cc ^ (l & 7)) << 4) | w_q4), ws + l * 64);
-        if (lane < 4)
-          cp_async16(wb + 4096 + lane * 16, a.bias != nullptr ? a.bias + p_item * 32 + lane * 8 : a.w,
+        for (int i = 0; i < 2; ++i) cp_async16(wb + 16 * 128 * i, ws + 16 * 64 * i, 16);
+        if (t < 4)
+          cp_async16(bbuf + (uint32_t)(p_wb * kFdBias + 16 * t), a.bias != nullptr ? a.bias + p_item * 32 + 8 * t : a.w,
                      a.bias != nullptr ? 16 : 0);
         p_wb ^= 1;
       }
@@ -108,219 +106,178 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
     p_slot = p_slot + 1 == kFdStages ? 0 : p_slot + 1;
   };
 
-  // Per-lane ldmatrix offsets within a slice, the same for every chunk. Forward (x4.trans), for 32-slot half
-  // kc, k16 step s and n-tile pair pp: matrix m = lane / 8 is n-tile 2 pp + m / 2, fragment b(m % 2); its row
-  // i = lane % 8 is logical k 8 (m % 2) + i, physical slot 32 kc + 4 s + 2 (m % 2) + 8 (i / 2) + i % 2.
-  uint32_t fo[2][2][2];
-#pragma unroll
-  for (int kc = 0; kc < 2; ++kc)
-#pragma unroll
-    for (int s = 0; s < 2; ++s)
-#pragma unroll
-      for (int pp = 0; pp < 2; ++pp) {
-        const int m = lane >> 3, i = lane & 7;
-        const int slot = 32 * kc + 4 * s + 2 * (m & 1) + 8 * (i >> 1) + (i & 1), c = 2 * pp + (m >> 1);
-        fo[kc][s][pp] = (uint32_t)(slot * 64 + ((c ^ fd_swz(slot)) << 4));
-      }
-  // Weight gradient (x4), slot tile nt: matrix m is k16 step m / 2, fragment b(m % 2) (batch entries
-  // 16 (m / 2) + 8 (m % 2) .. + 7: chunk m); its row i is slot 8 nt + i.
-  uint32_t wo[8];
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    const int slot = 8 * nt + (lane & 7), c = lane >> 3;
-    wo[nt] = (uint32_t)(slot * 64 + ((c ^ fd_swz(slot)) << 4));
-  }
-  // Forward A (x4) from the item's weights, half kc, k16 step s: matrix m is word u = m of the fragment, labels
-  // 8 (m % 2) + lane % 8 (+ 16 mt), its row the 16-byte piece 4 kc + 2 s + m / 2 of the label.
-  uint32_t wo_a[2][2];
-#pragma unroll
-  for (int kc = 0; kc < 2; ++kc)
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int m = lane >> 3, l = 8 * (m & 1) + (lane & 7), c = 4 * kc + 2 * s + (m >> 1);
-      wo_a[kc][s] = (uint32_t)(l * 128 + ((c ^ (l & 7)) << 4));
-    }
-  const uint32_t ones = pack2(T(), 1.f, 1.f);
-  const bool want_b = a.gb != nullptr;
-
+  // Per-thread constants of the compute side: the dy tile's words this thread writes (rows 16 w + r4 (+ 8), the
+  // 16-byte chunk j at j ^ (r4 >> 1 & 3)) and the pieces it stores (rows t / 4 (+ 32), chunk t % 4).
+  const uint32_t dt_w = (uint32_t)((16 * w + r4) * 64 + 4 * q), dt_sw = (uint32_t)(((r4 >> 1) & 3) << 4);
+  const uint32_t dt_r = (uint32_t)((t >> 2) * 64 + (((t & 3) ^ ((t >> 3) & 3)) << 4));
+  constexpr uint32_t kHi128 = wg_desc_hi(1024, kSw128), kHi64 = wg_desc_hi(512, kSw64);
+  const uint32_t ones_lo = wg_desc_lo(ones, 16);
+  const bool want_w = a.gw != nullptr, want_b = a.gb != nullptr, want_wb = want_w || want_b;
   load_ids(p_item);
   start_item();
 #pragma unroll
   for (int k = 0; k < kFdStages - 1; ++k) issue();
-  int slot = 0, wb_c = 0;
+  __syncthreads();  // the all-ones tile
+  int slot = 0, wb_c = 0, dsel = 0;
   double lane_loss = 0;
-  for (int64_t g = (int64_t)blockIdx.x * kFdWarps + warp; g < n_groups; g += wstride) {
-    float accw[2][8][4], accb[2][4], item_loss = 0.f;
+  // Each slice's copies are waited for, fenced and made visible to the warpgroup at the end of the slice before
+  // (with its dy tile): one barrier per slice.
+  cp_async_wait<kFdStages - 2>();
+  fence_proxy_async();
+  bar_sync(1 + wg, kWgThreads);
+  // The positives' mask words of this thread's rows 16 w + r4 (+ 8) of a slice (the group's 32 labels), loaded
+  // one slice ahead: their latency otherwise stalls every slice's loss.
+  auto mask_words = [&](int64_t g, int kb, uint32_t pw[2]) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      accb[mt][0] = accb[mt][1] = accb[mt][2] = accb[mt][3] = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) accw[mt][nt][0] = accw[mt][nt][1] = accw[mt][nt][2] = accw[mt][nt][3] = 0.f;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = (int64_t)kb * 64 + 16 * w + r4 + 8 * h;
+      pw[h] = g < n_groups && row < B ? __ldg(a.lg.bits + row * a.lg.words + g) : 0u;
     }
-    // The item's weights and biases, read by every chunk of the item: their buffer is refilled for item g + 2,
-    // 3 chunks ahead, so at the earliest at item g + 1's first chunk (B > 64: at least 3 chunks per item).
-    uint32_t wcur = 0;
-    float bia[2][2];
+  };
+  uint32_t pw_next[2];
+  mask_words((int64_t)blockIdx.x * kWgs + wg, 0, pw_next);
+  for (int64_t g = (int64_t)blockIdx.x * kWgs + wg; g < n_groups; g += wstride) {
+    float accw[16], accb[16], bia[4][2], item_loss = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) accw[i] = accb[i] = 0.f;
+    T *dyp = a.dy + (int64_t)(t >> 2) * L + g * 32 + 8 * (t & 3);
+    uint32_t w_lo = 0;
     for (int kb = 0; kb < nkb; ++kb) {
-      const int64_t b0 = (int64_t)kb * 32;
-      // the chunk's positives: this lane's row's mask word of the group's 32 labels
-      const uint32_t pw = b0 + lane < B ? __ldg(a.lg.bits + (b0 + lane) * a.lg.words + g) : 0u;
-      cp_async_wait<kFdStages - 2>();
-      __syncwarp();  // every lane's copies of this slice are in; every lane is done with the slice issue() refills
+      const int64_t b0 = (int64_t)kb * 64;
+      const int valid = (int)xmin<int64_t>(64, B - b0);
+      const uint32_t pw[2] = {pw_next[0], pw_next[1]};
+      if (kb + 1 < nkb)
+        mask_words(g, kb + 1, pw_next);
+      else
+        mask_words(g + wstride, 0, pw_next);
       if (kb == 0) {
-        const uint32_t wb = wbuf + (uint32_t)(wb_c * kFdW);
-        wcur = wb;
+        w_lo = wg_desc_lo(wbuf + (uint32_t)(wb_c * kFdW), 16);
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) bia[mt][h] = unpack2(T(), lds_u16(wb + 4096 + 2 * (16 * mt + 8 * h + r4))).x;
+        for (int j = 0; j < 4; ++j) {
+          const float2 b2 = unpack2(T(), lds_i32(bbuf + (uint32_t)(wb_c * kFdBias + 2 * (8 * j + 2 * q))));
+          bia[j][0] = b2.x, bia[j][1] = b2.y;
+        }
         wb_c ^= 1;
       }
-      issue();
       const uint32_t sb = ring + (uint32_t)(slot * kFdSlice);
 
-      // forward: y[mt][nt] = logits of labels 16 mt + r4 (+ 8: [2], [3]) at rows 8 nt + 2 q, + 1
-      float y[2][4][4];
+      // forward: y[4 j + 2 h + e] = logit of row 16 w + r4 + 8 h, label 8 j + 2 q + e
+      float y[16];
+      const uint32_t x_lo = wg_desc_lo(sb, 0);
+      wgmma_fence();
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) y[mt][nt][0] = y[mt][nt][1] = y[mt][nt][2] = y[mt][nt][3] = 0.f;
-#pragma unroll
-      for (int kc = 0; kc < 2; ++kc)
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          uint32_t bx[2][4], wa[2][4];
-          ldsm_x4_trans(bx[0], sb + fo[kc][s][0]);
-          ldsm_x4_trans(bx[1], sb + fo[kc][s][1]);
-          ldsm_x4(wa[0], wcur + wo_a[kc][s]);
-          ldsm_x4(wa[1], wcur + wo_a[kc][s] + 16 * 128);
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-              mma16816(T(), y[mt][nt], wa[mt], bx[nt >> 1][2 * (nt & 1)], bx[nt >> 1][2 * (nt & 1) + 1]);
-        }
+      for (int k = 0; k < 4; ++k)
+        wgmma_m64n32k16<1, 0>(y, wg_desc(x_lo + 128 * k, kHi128), wg_desc(w_lo + 2 * k, kHi128), k > 0);
+      wgmma_commit();
+      wgmma_wait<0>();  // and so the previous slice's weight gradient: its stage and dy tile are free
+      wgmma_hold(y);
+      wgmma_hold(accw);
+      wgmma_hold(accb);
+      issue();
 
-      // loss gradients, computed 8 at a time on the weight gradient's A fragments ga[mt][ks] (m tile mt, k16
-      // step ks): word u is label 16 mt + 8 (u & 1) + r4 at rows 16 ks + 8 (u >> 1) + 2 q, + 1. Rows past the
-      // batch get the logit -inf: no loss term, zero gradient (BCE and squared hinge alike).
-      const int valid = (int)xmin<int64_t>(32, B - b0);
-      const bool anyp = __any_sync(0xffffffffu, pw != 0u);
-      uint32_t ga[2][2][4];
+      // loss gradients, 8 logits (one row h, labels 8 j + 2 q + e) at a time. Rows past the batch get the logit
+      // -inf: no loss term, zero gradient (BCE and squared hinge alike).
+      uint32_t ga[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int ks = 0; ks < 2; ++ks)
+        for (int j = 0; j < 4; ++j) ga[h][j] = pack2(T(), y[4 * j + 2 * h] + bia[j][0], y[4 * j + 2 * h + 1] + bia[j][1]);
+      if (KIND == XMC_LOSS_BCE && valid == 64 && !__any_sync(0xffffffffu, (pw[0] | pw[1]) != 0u)) {
 #pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int h = u & 1, nt = 2 * ks + (u >> 1);
-            ga[mt][ks][u] = pack2(T(), y[mt][nt][2 * h] + bia[mt][h], y[mt][nt][2 * h + 1] + bia[mt][h]);
-          }
-      if (KIND == XMC_LOSS_BCE && valid == 32 && !anyp) {  // the common case: 32 negatives side by side
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int ks = 0; ks < 2; ++ks) {
-            const uint4 g = bce_negatives8<T>(make_uint4(ga[mt][ks][0], ga[mt][ks][1], ga[mt][ks][2], ga[mt][ks][3]),
-                                              a.lg.zscale, item_loss);
-            ga[mt][ks][0] = g.x, ga[mt][ks][1] = g.y, ga[mt][ks][2] = g.z, ga[mt][ks][3] = g.w;
-          }
+        for (int h = 0; h < 2; ++h) {
+          const uint4 g8 = bce_negatives8<T>(make_uint4(ga[h][0], ga[h][1], ga[h][2], ga[h][3]), a.lg.zscale, item_loss);
+          ga[h][0] = g8.x, ga[h][1] = g8.y, ga[h][2] = g8.z, ga[h][3] = g8.w;
+        }
       } else {
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int h = 0; h < 2; ++h) {
+          uint32_t pos = 0;
 #pragma unroll
-          for (int ks = 0; ks < 2; ++ks) {
-            uint32_t pos = 0;
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-              const int h = u & 1, nt = 2 * ks + (u >> 1), row = 8 * nt + 2 * q;
-              if (row >= valid) ga[mt][ks][u] = (ga[mt][ks][u] & 0xffff0000u) | 0xff80u;
-              if (row + 1 >= valid) ga[mt][ks][u] = (ga[mt][ks][u] & 0x0000ffffu) | 0xff800000u;
-#pragma unroll
-              for (int j = 0; j < 2; ++j) {
-                const uint32_t wr = __shfl_sync(0xffffffffu, pw, row + j);
-                pos |= ((wr >> (16 * mt + 8 * h + r4)) & 1u) << (2 * u + j);
-              }
-            }
-            const uint4 g = loss_grad8<T, KIND>(make_uint4(ga[mt][ks][0], ga[mt][ks][1], ga[mt][ks][2], ga[mt][ks][3]),
-                                                pos, 8, a.lg.zscale, item_loss);
-            ga[mt][ks][0] = g.x, ga[mt][ks][1] = g.y, ga[mt][ks][2] = g.z, ga[mt][ks][3] = g.w;
+          for (int j = 0; j < 4; ++j) {
+            if (16 * w + r4 + 8 * h >= valid) ga[h][j] = 0xff80ff80u;
+            pos |= ((pw[h] >> (8 * j + 2 * q)) & 3u) << (2 * j);
           }
+          const uint4 g8 = loss_grad8<T, KIND>(make_uint4(ga[h][0], ga[h][1], ga[h][2], ga[h][3]), pos, 8,
+                                               a.lg.zscale, item_loss);
+          ga[h][0] = g8.x, ga[h][1] = g8.y, ga[h][2] = g8.z, ga[h][3] = g8.w;
+        }
       }
 
-      // dy out: each 8 x 8 block (labels x rows) transposed to rows x labels, staged, then 64-byte rows
+      // dy tile: row r (64 bytes) keeps its 16-byte chunk j (labels 8 j ..) at j ^ (r >> 1 & 3)
+      const uint32_t dt = dybuf + (uint32_t)(dsel * kFdDy);
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < 4; ++j) sts_u32(dt + dt_w + 512 * h + (((uint32_t)j << 4) ^ dt_sw), ga[h][j]);
+      cp_async_wait<kFdStages - 2>();  // the next slice's copies
+      fence_proxy_async();
+      bar_sync(1 + wg, kWgThreads);
+      if (want_wb) {  // both products or neither: the tensor cores' time is not the limit, a branch per wgmma is
+        const uint32_t dy_lo = wg_desc_lo(dt, 0), xk_lo = wg_desc_lo(sb, 16);
+        wgmma_fence();
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt) {
-            const int k = 2 * mt + h;  // 16-byte chunk: labels 8 k .. 8 k + 7
-            sts_u32(out + (8 * nt + r4) * 64 + ((k ^ out_swz(r4)) << 4) + 4 * q,
-                    movm_trans(ga[mt][nt >> 1][h + 2 * (nt & 1)]));
-          }
-      __syncwarp();
-#pragma unroll
-      for (int it = 0; it < 4; ++it) {
-        const int r = 8 * it + (lane >> 2), c = lane & 3;
-        const uint4 v = lds_u32x4(out + r * 64 + ((c ^ out_swz(lane >> 2)) << 4));
-        if (r < valid) __stcs(reinterpret_cast<uint4 *>(a.dy + (b0 + r) * L + g * 32 + 8 * c), v);
+        for (int k = 0; k < 4; ++k) {
+          const uint64_t bd = wg_desc(dy_lo + 64 * k, kHi64);
+          wgmma_m64n32k16<0, 1>(accw, wg_desc(xk_lo + 2 * k, kHi128), bd, true);
+          wgmma_m64n32k16<0, 1>(accb, wg_desc(ones_lo + 2 * k, kHi128), bd, true);
+        }
+        wgmma_commit();
       }
-      __syncwarp();
-
-      // weight gradient: A (labels x rows) straight from g8
+      // dy out: 64 rows x 4 pieces of 16 bytes, two per thread
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        uint32_t bw[4];
-        ldsm_x4(bw, sb + wo[nt]);
-#pragma unroll
-        for (int ks = 0; ks < 2; ++ks)
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma16816(T(), accw[mt][nt], ga[mt][ks], bw[2 * ks], bw[2 * ks + 1]);
-            if (nt == 0 && want_b) mma16816(T(), accb[mt], ga[mt][ks], ones, ones);
-          }
+      for (int i = 0; i < 2; ++i) {
+        const uint4 v = lds_u32x4(dt + dt_r + 2048 * i);
+        if ((t >> 2) + 32 * i < valid) __stcs(reinterpret_cast<uint4 *>(dyp + 32 * i * L), v);
       }
+      dyp += 64 * L;
       slot = slot + 1 == kFdStages ? 0 : slot + 1;
+      dsel ^= 1;
     }
-    // the group's weight gradient (label 16 mt + 8 h + r4, slots 8 nt + 2 q, + 1) and bias gradient
+    wgmma_wait<0>();
+    wgmma_hold(accw);
+    wgmma_hold(accb);
+    // the group's weight gradient (slot 16 w + r4 + 8 h, label 8 j + 2 q + e) and bias gradient (every row of
+    // the all-ones product holds it; warp 0's row 0 stores)
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t l = g * 32 + 16 * mt + 8 * h + r4;
+      for (int e = 0; e < 2; ++e) {
+        const int64_t l = g * 32 + 8 * j + 2 * q + e;
+        if (want_w)
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-          *reinterpret_cast<uint32_t *>(a.gw + l * 64 + 8 * nt + 2 * q) =
-              pack2(T(), accw[mt][nt][2 * h], accw[mt][nt][2 * h + 1]);
-        if (want_b && q == 0) put(a.gb + l, accb[mt][2 * h]);
+          for (int h = 0; h < 2; ++h) put(a.gw + l * 64 + 16 * w + r4 + 8 * h, accw[4 * j + 2 * h + e]);
+        if (want_b && t < 4) put(a.gb + l, accb[4 * j + e]);
       }
     lane_loss += item_loss;
   }
   cp_async_wait<0>();
   // the block's loss sum in a fixed order: lanes by a butterfly, then warps
-  __shared__ double red[kFdWarps];
+  __shared__ double red[kFdThreads / 32];
   double sum = lane_loss;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) red[warp] = sum;
+  if (lane == 0) red[threadIdx.x >> 5] = sum;
   __syncthreads();
   if (threadIdx.x == 0) {
     double total = 0;
-    for (int w = 0; w < kFdWarps; ++w) total += red[w];
+    for (int i = 0; i < kFdThreads / 32; ++i) total += red[i];
     a.lg.part[blockIdx.x] = total;
   }
 }
 
 }  // namespace
 
-bool forward_loss_dw_applies(xmc_gsffi_shape s, xmc_dtype dt, const void *w, const void *bias, const void *dy,
-                             const void *gw, const void *gb) {
+bool forward_loss_dw_applies(xmc_gsffi_shape s, xmc_dtype dt, const void *w, const void *bias, const void *dy) {
+#ifdef XMC_SM90A
   auto al = [](const void *p, uintptr_t n) { return p == nullptr || (uintptr_t)p % n == 0; };
-  return dt == XMC_BF16 && s.group_size == 32 && s.fan_in == 64 && s.out_features % 32 == 0 && s.batch > 64 &&
-         s.in_features * xt_cols(s.batch) < ((int64_t)1 << 31) &&
-         gw != nullptr && al(w, 16) && al(bias, 16) && al(dy, 16) && al(gw, 4) &&
-         (int64_t)kFdSmem <= (int64_t)smem_optin() && num_sms() <= forward_loss_parts();
+  const bool hopper = device_attr<cudaDevAttrComputeCapabilityMajor>() == 9 &&
+                      device_attr<cudaDevAttrComputeCapabilityMinor>() == 0;
+  return hopper && dt == XMC_BF16 && s.group_size == 32 && s.fan_in == 64 && s.out_features % 32 == 0 &&
+         s.batch > 64 && s.in_features * xt_cols(s.batch) < ((int64_t)1 << 31) && al(w, 16) && al(bias, 16) &&
+         al(dy, 16) && (int64_t)kFdSmem <= (int64_t)smem_optin() && num_sms() <= forward_loss_parts();
+#else
+  return false;  // built without sm_90a: no wgmma
+#endif
 }
 
 int forward_loss_dw(xmc_gsffi_shape s, const void *xt, const void *w, const int32_t *idx, const void *bias,
@@ -333,7 +290,7 @@ int forward_loss_dw(xmc_gsffi_shape s, const void *xt, const void *w, const int3
   const int per_sm = prepare(kernel, kFdThreads, kFdSmem);
   XMC_CHECK_LAUNCH();
   if (per_sm < 1) return XMC_ERR_NOMEM;
-  const int64_t blocks = xmin<int64_t>(num_sms(), (a.n_groups + kFdWarps - 1) / kFdWarps);
+  const int64_t blocks = xmin<int64_t>(num_sms(), (a.n_groups + kWgs - 1) / kWgs);
   launch_pdl(kernel, dim3((unsigned)blocks), dim3(kFdThreads), kFdSmem, st, a);
   return last_error();
 }

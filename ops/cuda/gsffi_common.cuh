@@ -138,6 +138,67 @@ __device__ __forceinline__ void sts_f32x4(uint32_t a, float4 v) {
 
 __device__ __forceinline__ uint4 ldg16(const void *p) { return __ldg(reinterpret_cast<const uint4 *>(p)); }
 
+// ---- Hopper warpgroup MMA (wgmma, sm_90a: built where setup.py defines XMC_SM90A) ----
+// A warpgroup (4 consecutive warps, the first at a warp index divisible by 4) issues wgmma.mma_async together;
+// A and B come from shared memory through 64-bit descriptors: start address, leading and stride byte offsets
+// (LBO, SBO; >> 4) and the swizzle mode (bits 62-63: 1 = 128-byte rows, 2 = 64-byte rows). Tiles are
+// stored in rows of the swizzle width, 16-byte chunk c of row r at c ^ (r & 7) (128 B) or c ^ (r >> 1 & 3)
+// (64 B), from a base aligned to 1024 (512) bytes; 8 rows form a core group, SBO apart.
+enum WgSwizzle : uint32_t { kSw128 = 1, kSw64 = 2 };
+// A descriptor as two words: the high one constant per layout, the low one the address (moved along a tile by
+// adding bytes / 16: the address field has room up to 256 KB, so no carry leaves it).
+__host__ __device__ constexpr uint32_t wg_desc_hi(uint32_t sbo, WgSwizzle sw) { return sbo >> 4 | (uint32_t)sw << 30; }
+__device__ __forceinline__ uint32_t wg_desc_lo(uint32_t smem_addr, uint32_t lbo) { return smem_addr >> 4 | (lbo >> 4) << 16; }
+__device__ __forceinline__ uint64_t wg_desc(uint32_t lo, uint32_t hi) { return (uint64_t)hi << 32 | lo; }
+// D (64 x 32, fp32; thread t of the warpgroup holds rows 16 (t / 32) + (t % 32) / 4 (+ 8) and columns
+// 8 j + 2 (t % 4) (+ 1) at d[4 j + 2 h + e]) = (accumulate ? D : 0) + A (64 x 16) B (16 x 32), bf16.
+// TA = 1: A is M-major in shared memory (else K-major); TB = 1: B is N-major (else K-major).
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n32k16(float d[16], uint64_t a, uint64_t b, bool accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(a), "l"(b), "r"((int)accumulate), "n"(TA), "n"(TB));
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Keeps the compiler from moving accesses of an accumulator across the asynchronous MMA that writes it.
+__device__ __forceinline__ void wgmma_hold(float d[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Shared memory written by this thread's ordinary or cp.async stores, made visible to the tensor cores' reads
+// (the async proxy); a barrier after it covers the other threads' writes.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Barrier `id` (1..15) among `threads` threads (a warpgroup: 128).
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 __device__ __forceinline__ uint32_t word(const uint4 &v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -381,9 +442,9 @@ int64_t forward_loss_parts();
 int forward_loss_grad(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *weight, const int32_t *indices,
                       const void *bias, void *y, FwdLoss lg, cudaStream_t st);
 // The loss-gradient forward and the weight and bias gradients of one label chunk in one pass (fused_loss_dw.cu),
-// for the shapes where forward_loss_dw_applies; x^T as transpose_x makes it.
-bool forward_loss_dw_applies(xmc_gsffi_shape s, xmc_dtype dt, const void *w, const void *bias, const void *dy,
-                             const void *gw, const void *gb);
+// for the shapes where forward_loss_dw_applies (bf16, G = 32, F = 64, B > 64, on a compute capability 9.0 device
+// with the sm_90a build); x^T as transpose_x makes it. grad_weight / grad_bias may be null (not computed).
+bool forward_loss_dw_applies(xmc_gsffi_shape s, xmc_dtype dt, const void *w, const void *bias, const void *dy);
 int forward_loss_dw(xmc_gsffi_shape s, const void *xt, const void *w, const int32_t *idx, const void *bias,
                     void *dy, void *gw, void *gb, FwdLoss lg, cudaStream_t st);
 // The bf16 / fp16 forward (tensor-core shapes, filter_applies) that returns at once unless *run_if != 0.

@@ -43,13 +43,14 @@ __device__ __forceinline__ float loss_term_fast(float z, bool pos, float *grad) 
 }
 
 // Eight negatives of BCE, by far the most common case in XMC: the 8 16-bit logits in v (T: the dtype) replaced by
-// zscale * their loss gradients, sigmoid(z), and their loss terms added to loss, without target selects, the log
-// terms summed in base 2 and scaled once (~16 instructions per logit). Branch-free, so that a caller's calls
-// overlap.
+// zscale * their loss gradients, sigmoid(z), and their loss terms added to loss, without target selects
+// (~12 instructions per logit). The 8 terms log(1 + e_i) are one log: log(1 + p) with
+// 1 + p = prod (1 + e_i), p built in pairs as a + b + ab, so that tiny e_i keep their relative precision (p < 1e-4
+// takes log(1 + p) = p). Branch-free, so that a caller's calls overlap.
 template <class T>
 __device__ __forceinline__ uint4 bce_negatives8(const uint4 &v, float zscale, float &loss) {
   uint32_t out[4];
-  float lin = 0.f, log2s = 0.f;  // sum of max(z, 0), and of log2(1 + e)
+  float lin = 0.f, e[8];  // lin: the sum of max(z, 0)
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const float2 z = unpack2(T(), word(v, k));
@@ -57,14 +58,19 @@ __device__ __forceinline__ uint4 bce_negatives8(const uint4 &v, float zscale, fl
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float zh = h ? z.y : z.x;
-      const float e = ex2_ftz(fabsf(zh) * -1.4426950408889634f), d = 1.f + e, r = __fdividef(1.f, d);
-      g[h] = (zh >= 0 ? r : e * r) * zscale;
+      const float eh = ex2_ftz(fabsf(zh) * -1.4426950408889634f), r = __fdividef(zscale, 1.f + eh);
+      g[h] = zh >= 0 ? r : eh * r;
       lin += fmaxf(zh, 0.f);
-      log2s += e < 1e-4f ? e * 1.4426950408889634f : __log2f(d);
+      e[2 * k + h] = eh;
     }
     out[k] = pack2(T(), g[0], g[1]);
   }
-  loss += fmaf(log2s, 0.6931471805599453f, lin);
+#pragma unroll
+  for (int s = 1; s < 8; s *= 2)
+#pragma unroll
+    for (int i = 0; i < 8; i += 2 * s) e[i] = fmaf(e[i], e[i + s], e[i] + e[i + s]);
+  const float p = e[0];
+  loss += lin + (p < 1e-4f ? p : __logf(1.f + p));
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
