@@ -238,8 +238,9 @@ int launch(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *indic
 //                                   grad_chunk turns them into the same gradients in place;
 //   grad_weight (gsffi_grad_weight.cu) writes the chunk's weight and bias gradients from the buffer (x^T for it
 //                                   is made once per step); where forward_loss_dw applies (bf16, G = 32,
-//                                   F = 64), it takes the place of this and the loss-gradient forward: one pass
-//                                   writes the loss gradients and the weight and bias gradients (fused_loss_dw.cu);
+//                                   F = 64, Hopper), it takes the place of this and the loss-gradient forward:
+//                                   one pass writes the loss gradients and the weight and bias gradients
+//                                   (fused_loss_dw.cu), whichever of them are asked;
 //   grad_input_add_f32 (gsffi_grad_input.cu) adds the chunk's input gradient into an fp32 [B, H] accumulator.
 // Nothing is [B, L]; everything is deterministic (the OR of the mask is idempotent, every sum has a fixed order).
 

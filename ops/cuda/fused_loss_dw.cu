@@ -12,12 +12,12 @@
 //   loss       bias, rounding to bf16, then bce_negatives8 / loss_grad8 (the per-logit math of the
 //              loss-gradient forward) on each thread's 16 logits; the positives from the chunk's bit mask;
 //   dy         staged in shared memory (64-byte rows, swizzled), from where it is stored for grad_input as
-//              16-byte pieces and read by the tensor cores:
+//              16-byte pieces and read by the tensor cores;
 //   weight     grad W_g^T (64 slots x 32 labels) += x_g^T (A: the same slice, K-major) dy (B: N-major),
 //              and grad b as all-ones (A) x dy, 4 wgmma each, asynchronous: they run under the next slice's
 //              copies and forward.
 // The forward's wgmma waits for everything before it, so a ring stage, a dy tile and a weight buffer are
-// refilled only after the tensor cores are done with them. With 16 warps per SM and no operand fragments in
+// refilled only after the tensor cores are done with them. The positives' mask words come one slice ahead. With 16 warps per SM and no operand fragments in
 // registers, the loss's MUFU / FMA chains of four warps per scheduler overlap one another. (The mma.sync
 // version, one warp per group, 32-row slices, 8 warps per SM, is in git history: 167 us per chunk at
 // (256, 3M, 64, 32); see benchmarks/gpu_notes.md.)
