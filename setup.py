@@ -6,6 +6,7 @@ it is built when torch has CUDA and nvcc is found, unless TORCH_XMC_CUDA=0 (forc
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -53,8 +54,7 @@ cuda = with_cuda()
 if cuda:
     # No GPU is probed at build time; Hopper is the target. Hopper is built as sm_90a, whose warpgroup MMA
     # (wgmma) the fused loss's one-pass kernel needs: "9.0" in the list becomes "9.0a" (the same chips).
-    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0").replace(",", ";").split(";")
-    arches = [a.strip() for a in arches if a.strip()]
+    arches = [a for a in re.split(r"[;,\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")) if a]
     arches = ["9.0a" + a[3:] if a.startswith("9.0") and not a.startswith("9.0a") else a for a in arches]
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arches)
     SM90A = any(a.startswith("9.0a") for a in arches)
@@ -75,7 +75,9 @@ define_macros = []
 if cuda:
     Extension = cpp_extension.CUDAExtension
     sources += rel("ops/cuda/*.cu")
-    extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + (["-DXMC_SM90A"] if SM90A else [])
+    extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    if SM90A:
+        extra["nvcc"].append("-DXMC_SM90A")
     define_macros.append(("TORCH_XMC_WITH_CUDA", "1"))
 
 setup(

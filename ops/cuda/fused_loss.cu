@@ -375,7 +375,7 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
   const bool want_gw = gw != nullptr || upd != nullptr;
   // The one-pass kernel serves every output mask where it applies, so that an output asked alone is bitwise the
   // one asked with the others (its logits' summation order is its own).
-  const bool fd = forward_loss_dw_applies(s, dt, w, bias, nullptr);
+  const bool fd = forward_loss_dw_applies(s, dt, w, bias);
   int err = (int)scratch_parts(&block,
                                {{&buf, (size_t)(B * nl) * 2},
                                 {&bits, (size_t)(B * words) * 4},
@@ -387,7 +387,7 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
   if (!err) err = (int)cudaMemsetAsync(block_loss, 0, (size_t)(n_chunks * parts_per_chunk) * sizeof(double), st);
   if (!err && gx) err = (int)cudaMemsetAsync(acc, 0, (size_t)(B * H) * sizeof(float), st);
   if (!err) err = (int)cudaMemsetAsync(bits, 0, (size_t)(B * words) * 4, st);
-  if (!err && (want_gw || fd)) err = transpose_x(s, x, xt, st);  // x^T for grad_weight, once for every chunk
+  if (!err && (want_gw || fd)) err = transpose_x(s, x, xt, st);  // x^T, once for every chunk
   const int64_t esz = 2;
   for (int64_t c0 = 0; !err && c0 < L; c0 += nl) {
     const int64_t n = xmin<int64_t>(nl, L - c0), g0 = c0 / G;

@@ -267,14 +267,14 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
 
 }  // namespace
 
-bool forward_loss_dw_applies(xmc_gsffi_shape s, xmc_dtype dt, const void *w, const void *bias, const void *dy) {
+bool forward_loss_dw_applies(xmc_gsffi_shape s, xmc_dtype dt, const void *w, const void *bias) {
 #ifdef XMC_SM90A
   auto al = [](const void *p, uintptr_t n) { return p == nullptr || (uintptr_t)p % n == 0; };
   const bool hopper = device_attr<cudaDevAttrComputeCapabilityMajor>() == 9 &&
                       device_attr<cudaDevAttrComputeCapabilityMinor>() == 0;
   return hopper && dt == XMC_BF16 && s.group_size == 32 && s.fan_in == 64 && s.out_features % 32 == 0 &&
          s.batch > 64 && s.in_features * xt_cols(s.batch) < ((int64_t)1 << 31) && al(w, 16) && al(bias, 16) &&
-         al(dy, 16) && (int64_t)kFdSmem <= (int64_t)smem_optin() && num_sms() <= forward_loss_parts();
+         (int64_t)kFdSmem <= (int64_t)smem_optin() && num_sms() <= forward_loss_parts();
 #else
   return false;  // built without sm_90a: no wgmma
 #endif

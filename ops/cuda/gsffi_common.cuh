@@ -444,7 +444,7 @@ int forward_loss_grad(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void
 // The loss-gradient forward and the weight and bias gradients of one label chunk in one pass (fused_loss_dw.cu),
 // for the shapes where forward_loss_dw_applies (bf16, G = 32, F = 64, B > 64, on a compute capability 9.0 device
 // with the sm_90a build); x^T as transpose_x makes it. grad_weight / grad_bias may be null (not computed).
-bool forward_loss_dw_applies(xmc_gsffi_shape s, xmc_dtype dt, const void *w, const void *bias, const void *dy);
+bool forward_loss_dw_applies(xmc_gsffi_shape s, xmc_dtype dt, const void *w, const void *bias);
 int forward_loss_dw(xmc_gsffi_shape s, const void *xt, const void *w, const int32_t *idx, const void *bias,
                     void *dy, void *gw, void *gb, FwdLoss lg, cudaStream_t st);
 // The bf16 / fp16 forward (tensor-core shapes, filter_applies) that returns at once unless *run_if != 0.
