@@ -153,7 +153,7 @@ def test_16_bit_loss_over_label_chunks(dtype, loss, reduction, F, G, device, mon
     5 chunks, the last one partial (G = 18: chunks of whole 8-label units of groups, so a row's 8 labels can
     straddle two words of the positives' mask; F = 128 with B >= 64: the grad_input kernel specialised for that
     fan-in; F = 12: the generic forward, then a separate pass for the loss gradients; F = 64, G = 32 in bf16: the
-    one-pass forward, loss and weight gradient on the full chunks, B = 70 ending in a part of a 32-row chunk, and
+    one-pass forward, loss and weight gradient on the full chunks, B = 70 ending in a part of a 64-row slice, and
     the separate kernels on the last chunk of 48 labels). fp16 with reduction
     "mean" (scale 1 / (B L)) checks that the scaled gradients do not flush to zero."""
     if device == "cpu":
@@ -204,8 +204,8 @@ def test_16_bit_gradients_asked_alone(dtype, F, G, device, monkeypatch):
     """Each output of the 16-bit chunked path asked alone is the one asked with the others: bitwise, but for the
     bias gradient, which comes from the weight gradient's pass, or alone from a pass of its own (the same sums in
     another order: within one rounding of the dtype). B = 200: two batch tiles of the forward, whose blocks sum
-    the loss separately. F = 64, G = 32 in bf16: with the weight gradient asked, the one-pass forward, loss and
-    weight gradient (its loss gradients are the forward's, bit for bit)."""
+    the loss separately. F = 64, G = 32 in bf16: the one-pass forward, loss and weight gradient on the full chunks,
+    whatever is asked (its summation order is its own), the separate kernels on the last chunk (a part group)."""
     if device == "cpu":
         pytest.skip("the label-chunked 16-bit path is CUDA's")
     monkeypatch.setenv("XMC_FUSED_CHUNK_MB", "4")

@@ -373,21 +373,21 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
   void *block = nullptr, *buf = nullptr, *bits = nullptr, *block_loss = nullptr, *acc = nullptr, *gw_chunk = nullptr,
        *xt = nullptr;
   const bool want_gw = gw != nullptr || upd != nullptr;
-  // The one-pass kernel serves every output mask where it applies, so that an output asked alone is bitwise the
-  // one asked with the others (its logits' summation order is its own).
-  const bool fd = forward_loss_dw_applies(s, dt, w, bias);
+  // The one-pass kernel serves a chunk where it applies, whatever outputs are asked, so that an output asked alone
+  // is bitwise the one asked with the others (its logits' summation order is its own). It needs x^T.
+  const bool fd_any = forward_loss_dw_applies({B, H, xmin(nl, L), F, G}, dt, w, bias);
   int err = (int)scratch_parts(&block,
                                {{&buf, (size_t)(B * nl) * 2},
                                 {&bits, (size_t)(B * words) * 4},
                                 {&block_loss, (size_t)(n_chunks * parts_per_chunk) * sizeof(double)},
                                 {&acc, gx ? (size_t)(B * H) * sizeof(float) : 0},
                                 {&gw_chunk, upd ? (size_t)(nl * F) * 2 : 0},
-                                {&xt, want_gw || fd ? (size_t)(H * xt_cols(B)) * 2 : 0}},
+                                {&xt, want_gw || fd_any ? (size_t)(H * xt_cols(B)) * 2 : 0}},
                                st);
   if (!err) err = (int)cudaMemsetAsync(block_loss, 0, (size_t)(n_chunks * parts_per_chunk) * sizeof(double), st);
   if (!err && gx) err = (int)cudaMemsetAsync(acc, 0, (size_t)(B * H) * sizeof(float), st);
   if (!err) err = (int)cudaMemsetAsync(bits, 0, (size_t)(B * words) * 4, st);
-  if (!err && (want_gw || fd)) err = transpose_x(s, x, xt, st);  // x^T, once for every chunk
+  if (!err && (want_gw || fd_any)) err = transpose_x(s, x, xt, st);  // x^T, once for every chunk
   const int64_t esz = 2;
   for (int64_t c0 = 0; !err && c0 < L; c0 += nl) {
     const int64_t n = xmin<int64_t>(nl, L - c0), g0 = c0 / G;
@@ -402,6 +402,7 @@ int launch_tc(xmc_gsffi_shape s, xmc_dtype dt, const void *x, const void *w, con
     launch_pdl(mark_positives, dim3((unsigned)((B + 7) / 8)), dim3(256), 0, st, indptr, labels, B,
                c0 == 0 ? (int64_t)-1 : c0 - nl, c0, nl, words, static_cast<uint32_t *>(bits));
     err = last_error();
+    const bool fd = fd_any && forward_loss_dw_applies(sc, dt, wc, bc);  // not a last chunk of part groups
     if (!err && fd) {
       err = forward_loss_dw(sc, xt, wc, ic, bc, buf, gwc, gbc,
                             {static_cast<const uint32_t *>(bits), words, zscale, kind, bl}, st);
