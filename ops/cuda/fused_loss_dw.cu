@@ -9,8 +9,10 @@
 // ahead and straight on across items, with the next item's weights and biases (one of two buffers) copied
 // beside its first slice. Per slice:
 //   forward    y (64 rows x 32 labels) = x_g (A: the slice, M-major) W_g^T (B: the weights, K-major), 4 wgmma;
-//   loss       bias, rounding to bf16, then bce_negatives8 / loss_grad8 (the per-logit math of the
-//              loss-gradient forward) on each thread's 16 logits; the positives from the chunk's bit mask;
+//   loss       bias, rounding to bf16, then the per-logit math of the loss-gradient forward on each thread's
+//              16 logits: bce_negatives8_small where the warp's 64-row slice is whole, holds no positive and no
+//              logit above 8 (the common case: e^z itself, ~9 instructions per logit), loss_grad8 otherwise;
+//              the positives from the chunk's bit mask;
 //   dy         staged in shared memory (64-byte rows, swizzled), from where it is stored for grad_input as
 //              16-byte pieces and read by the tensor cores;
 //   weight     grad W_g^T (64 slots x 32 labels) += x_g^T (A: the same slice, K-major) dy (B: N-major),
@@ -127,12 +129,13 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
   bar_sync(1 + wg, kWgThreads);
   // The positives' mask words of this thread's rows 16 w + r4 (+ 8) of a slice (the group's 32 labels), loaded
   // one slice ahead: their latency otherwise stalls every slice's loss.
+  const int64_t mwords = a.lg.words, mslice = 64 * mwords;
+  const uint32_t *mrow = a.lg.bits + (16 * w + r4) * mwords;
   auto mask_words = [&](int64_t g, int kb, uint32_t pw[2]) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = (int64_t)kb * 64 + 16 * w + r4 + 8 * h;
-      pw[h] = g < n_groups && row < B ? __ldg(a.lg.bits + row * a.lg.words + g) : 0u;
-    }
+    const int64_t row = (int64_t)kb * 64 + 16 * w + r4;
+    const uint32_t *p = mrow + kb * mslice + g;
+    pw[0] = g < n_groups && row < B ? __ldg(p) : 0u;
+    pw[1] = g < n_groups && row + 8 < B ? __ldg(p + 8 * mwords) : 0u;
   };
   uint32_t pw_next[2];
   mask_words((int64_t)blockIdx.x * kWgs + wg, 0, pw_next);
@@ -182,10 +185,13 @@ __global__ void __launch_bounds__(kFdThreads, 1) fwd_loss_dw(FdArgs<T> a) {
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int j = 0; j < 4; ++j) ga[h][j] = pack2(T(), y[4 * j + 2 * h] + bia[j][0], y[4 * j + 2 * h + 1] + bia[j][1]);
-      if (KIND == XMC_LOSS_BCE && valid == 64 && !__any_sync(0xffffffffu, (pw[0] | pw[1]) != 0u)) {
+      const bool small = small_logits8<T>(make_uint4(ga[0][0], ga[0][1], ga[0][2], ga[0][3])) &&
+                         small_logits8<T>(make_uint4(ga[1][0], ga[1][1], ga[1][2], ga[1][3]));
+      if (KIND == XMC_LOSS_BCE && valid == 64 && !__any_sync(0xffffffffu, (pw[0] | pw[1]) != 0u || !small)) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const uint4 g8 = bce_negatives8<T>(make_uint4(ga[h][0], ga[h][1], ga[h][2], ga[h][3]), a.lg.zscale, item_loss);
+          const uint4 g8 =
+              bce_negatives8_small<T>(make_uint4(ga[h][0], ga[h][1], ga[h][2], ga[h][3]), a.lg.zscale, item_loss);
           ga[h][0] = g8.x, ga[h][1] = g8.y, ga[h][2] = g8.z, ga[h][3] = g8.w;
         }
       } else {

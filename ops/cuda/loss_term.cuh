@@ -27,6 +27,13 @@ __device__ __forceinline__ float ex2_ftz(float x) {
   return r;
 }
 
+// log2(x) with the fast unit, subnormal x taken as 0 (no range fix-ups around the MUFU op; __logf has them).
+__device__ __forceinline__ float lg2_ftz(float x) {
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+}
+
 // loss_term in float from 16-bit logits, with the fast exp / reciprocal / log units (their relative error,
 // ~1e-6, is far below the logits' own bf16 / fp16 rounding); log(1 + e) takes e itself where 1 + e rounds.
 // Selects only, no branches, so that the callers' independent logits overlap.
@@ -42,11 +49,21 @@ __device__ __forceinline__ float loss_term_fast(float z, bool pos, float *grad) 
   }
 }
 
+// The loss terms log(1 + e_i) of 8 logits summed as one log: log(1 + p) with 1 + p = prod (1 + e_i), p built in
+// pairs as a + b + ab, so that tiny e_i keep their relative precision (p < 1e-4 takes log(1 + p) = p).
+__device__ __forceinline__ float sum_log1p8(float e[8]) {
+#pragma unroll
+  for (int s = 1; s < 8; s *= 2)
+#pragma unroll
+    for (int i = 0; i < 8; i += 2 * s) e[i] = fmaf(e[i], e[i + s], e[i] + e[i + s]);
+  const float p = e[0];
+  return p < 1e-4f ? p : lg2_ftz(1.f + p) * 0.6931471805599453f;
+}
+
 // Eight negatives of BCE, by far the most common case in XMC: the 8 16-bit logits in v (T: the dtype) replaced by
 // zscale * their loss gradients, sigmoid(z), and their loss terms added to loss, without target selects
-// (~12 instructions per logit). The 8 terms log(1 + e_i) are one log: log(1 + p) with
-// 1 + p = prod (1 + e_i), p built in pairs as a + b + ab, so that tiny e_i keep their relative precision (p < 1e-4
-// takes log(1 + p) = p). Branch-free, so that a caller's calls overlap.
+// (~12 instructions per logit): max(z, 0) + log(1 + e^-|z|), the 8 logs as one (sum_log1p8). Branch-free, so that
+// a caller's calls overlap.
 template <class T>
 __device__ __forceinline__ uint4 bce_negatives8(const uint4 &v, float zscale, float &loss) {
   uint32_t out[4];
@@ -65,12 +82,45 @@ __device__ __forceinline__ uint4 bce_negatives8(const uint4 &v, float zscale, fl
     }
     out[k] = pack2(T(), g[0], g[1]);
   }
+  loss += lin + sum_log1p8(e);
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// The largest logit bce_negatives8_small takes: with every z <= 8, 1 + p = prod (1 + e^z) < 2^93 stays far from
+// fp32's overflow and from __fdividef's 2^126 limit.
+constexpr float kSmallLogit = 8.f;
+
+// The halves' maxima of two words of 16-bit values (a NaN half gives the other).
+__device__ __forceinline__ uint32_t max2(__nv_bfloat16, uint32_t a, uint32_t b) {
+  const __nv_bfloat162 m = __hmax2(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
+  return *reinterpret_cast<const uint32_t *>(&m);
+}
+__device__ __forceinline__ uint32_t max2(__half, uint32_t a, uint32_t b) {
+  const __half2 m = __hmax2(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
+  return *reinterpret_cast<const uint32_t *>(&m);
+}
+// Whether the 8 16-bit logits in v are all <= kSmallLogit (a NaN does not count against it: it gives NaN either
+// way). Packed maxima, under 1 instruction per logit.
+template <class T>
+__device__ __forceinline__ bool small_logits8(const uint4 &v) {
+  const float2 m = unpack2(T(), max2(T(), max2(T(), v.x, v.y), max2(T(), v.z, v.w)));
+  return fmaxf(m.x, m.y) <= kSmallLogit;
+}
+
+// bce_negatives8 for logits that small_logits8 passed: from e = e^z itself, sigmoid(z) = e / (1 + e) and the loss
+// log(1 + e), with no |z|, sign selects or max(z, 0) (~9 instructions per logit).
+template <class T>
+__device__ __forceinline__ uint4 bce_negatives8_small(const uint4 &v, float zscale, float &loss) {
+  uint32_t out[4];
+  float e[8];
 #pragma unroll
-  for (int s = 1; s < 8; s *= 2)
-#pragma unroll
-    for (int i = 0; i < 8; i += 2 * s) e[i] = fmaf(e[i], e[i + s], e[i] + e[i + s]);
-  const float p = e[0];
-  loss += lin + (p < 1e-4f ? p : __logf(1.f + p));
+  for (int k = 0; k < 4; ++k) {
+    const float2 z = unpack2(T(), word(v, k));
+    const float e0 = ex2_ftz(z.x * 1.4426950408889634f), e1 = ex2_ftz(z.y * 1.4426950408889634f);
+    out[k] = pack2(T(), e0 * __fdividef(zscale, 1.f + e0), e1 * __fdividef(zscale, 1.f + e1));
+    e[2 * k] = e0, e[2 * k + 1] = e1;
+  }
+  loss += sum_log1p8(e);
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
