@@ -90,7 +90,7 @@ __device__ __forceinline__ uint4 bce_negatives8(const uint4 &v, float zscale, fl
 // fp32's overflow and from __fdividef's 2^126 limit.
 constexpr float kSmallLogit = 8.f;
 
-// The halves' maxima of two words of 16-bit values (a NaN half gives the other).
+// The halves' maxima of two words of 16-bit values.
 __device__ __forceinline__ uint32_t max2(__nv_bfloat16, uint32_t a, uint32_t b) {
   const __nv_bfloat162 m = __hmax2(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
   return *reinterpret_cast<const uint32_t *>(&m);
@@ -99,8 +99,8 @@ __device__ __forceinline__ uint32_t max2(__half, uint32_t a, uint32_t b) {
   const __half2 m = __hmax2(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
   return *reinterpret_cast<const uint32_t *>(&m);
 }
-// Whether the 8 16-bit logits in v are all <= kSmallLogit (a NaN does not count against it: it gives NaN either
-// way). Packed maxima, under 1 instruction per logit.
+// Whether the 8 16-bit logits in v are all <= kSmallLogit. Packed maxima, under 1 instruction per logit. NaN
+// logits may pass or not: both paths give NaN for them.
 template <class T>
 __device__ __forceinline__ bool small_logits8(const uint4 &v) {
   const float2 m = unpack2(T(), max2(T(), max2(T(), v.x, v.y), max2(T(), v.z, v.w)));
