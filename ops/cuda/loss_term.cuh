@@ -90,13 +90,9 @@ __device__ __forceinline__ uint4 bce_negatives8(const uint4 &v, float zscale, fl
 // fp32's overflow and from __fdividef's 2^126 limit.
 constexpr float kSmallLogit = 8.f;
 
-// The halves' maxima of two words of 16-bit values.
+// The halves' maxima of two words of bf16 values (the one-pass kernel, bf16 only, is the one caller).
 __device__ __forceinline__ uint32_t max2(__nv_bfloat16, uint32_t a, uint32_t b) {
   const __nv_bfloat162 m = __hmax2(*reinterpret_cast<const __nv_bfloat162 *>(&a), *reinterpret_cast<const __nv_bfloat162 *>(&b));
-  return *reinterpret_cast<const uint32_t *>(&m);
-}
-__device__ __forceinline__ uint32_t max2(__half, uint32_t a, uint32_t b) {
-  const __half2 m = __hmax2(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
   return *reinterpret_cast<const uint32_t *>(&m);
 }
 // Whether the 8 16-bit logits in v are all <= kSmallLogit. Packed maxima, under 1 instruction per logit. NaN
