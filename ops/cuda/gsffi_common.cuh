@@ -76,27 +76,11 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t smem_addr)
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr));
 }
-__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t smem_addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr));
-}
-// The 8 x 8 16-bit matrix whose fragment a is (lane i: row i / 4, columns 2 (i % 4), + 1), transposed, in the
-// same fragment layout.
-__device__ __forceinline__ uint32_t movm_trans(uint32_t a) {
-  uint32_t d;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
-  return d;
-}
 
 // 16-byte global -> shared copy that bypasses registers: the first src_bytes (0..16) come from gmem, the rest
 // of the 16 are zeros.
 __device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void *gmem, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
-}
-// 4-byte global -> shared copy (through L1: .cg takes 16 bytes only).
-__device__ __forceinline__ void cp_async4(uint32_t smem_addr, const void *gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -111,11 +95,6 @@ __device__ __forceinline__ int lds_i32(uint32_t a) {
 __device__ __forceinline__ uint4 lds_u32x4(uint32_t a) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ uint32_t lds_u16(uint32_t a) {
-  unsigned short v;
-  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(a));
   return v;
 }
 __device__ __forceinline__ void sts_u32(uint32_t a, uint32_t v) {
