@@ -19,10 +19,10 @@
 //              and grad b as all-ones (A) x dy, 4 wgmma each, asynchronous: they run under the next slice's
 //              copies and forward.
 // The forward's wgmma waits for everything before it, so a ring stage, a dy tile and a weight buffer are
-// refilled only after the tensor cores are done with them. The positives' mask words come one slice ahead. With 16 warps per SM and no operand fragments in
-// registers, the loss's MUFU / FMA chains of four warps per scheduler overlap one another. (The mma.sync
-// version, one warp per group, 32-row slices, 8 warps per SM, is in git history: 167 us per chunk at
-// (256, 3M, 64, 32); see benchmarks/gpu_notes.md.)
+// refilled only after the tensor cores are done with them. The positives' mask words come one slice ahead.
+// With 16 warps per SM and no operand fragments in registers, the loss's MUFU / FMA chains of four warps per
+// scheduler overlap one another. (The mma.sync version, one warp per group, 32-row slices, 8 warps per SM, is
+// in git history: 167 us per chunk at (256, 3M, 64, 32); see benchmarks/gpu_notes.md.)
 #include "gsffi_forward_tile.cuh"
 
 namespace xmc_cuda {
