@@ -22,8 +22,8 @@
 namespace xmc_cuda {
 namespace {
 
-template <class T, int NW, int KC, int MODE>
-__global__ void __launch_bounds__(kFwdThreads, 1) fwd_mma(FwdArgs<T> a, const int *run_if) {
+template <class T, int NW, int KC, int MODE, int NT>
+__global__ void __launch_bounds__(NT, 1) fwd_mma(FwdArgs<T> a, const int *run_if) {
   pdl_begin();  // launched with launch_pdl
   if (run_if != nullptr && *run_if == 0) return;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -71,28 +71,57 @@ struct FwdMode {
 
 constexpr int kFwdMaxBlocksPerSm = 2048 / kFwdThreads;  // the most resident blocks an SM takes
 
-template <class T, int NW, int KC>
-int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
-               cudaStream_t st, int BT, FwdMode mode) {
-  const size_t smem = fwd_smem(s.in_features, BT);
-  auto kernel = mode.flt.tau != nullptr      ? fwd_mma<T, NW, KC, kFilter>
-                : mode.chunk_keys != nullptr ? fwd_mma<T, NW, KC, kChunkMax>
-                : mode.lg.part != nullptr    ? fwd_mma<T, NW, KC, kLossGrad>
-                                             : fwd_mma<T, NW, KC, kLogits>;
-  const int per_sm = prepare(kernel, kFwdThreads, smem);
+// The plain logits at fan-in chunks KC <= 2 run 20 warps per block, not 16: that forward is paced by each warp's
+// chain of latencies, not by one unit's throughput (benchmarks/gpu_notes.md), and at 640 threads these
+// instances still fit in 96 registers without spilling (KC = 4 spills there, and so do 704 or 768 threads).
+// The filter and loss-gradient modes keep 16 warps, since they need more registers (119 and 126 at KC = 2);
+// so does the chunk-maximum mode, a short sampling pass of the top-k that was not measured wider.
+constexpr int kFwdThreadsWide = 640;
+
+inline bool plain_logits(const FwdMode &m) {
+  return m.flt.tau == nullptr && m.chunk_keys == nullptr && m.lg.part == nullptr;
+}
+
+// The kernel instance of a launch of NT threads in mode m.
+template <class T, int NW, int KC, int NT>
+auto fwd_kernel(const FwdMode &m) {
+  if constexpr (NT != kFwdThreads)
+    return fwd_mma<T, NW, KC, kLogits, NT>;
+  else
+    return m.flt.tau != nullptr      ? fwd_mma<T, NW, KC, kFilter, NT>
+           : m.chunk_keys != nullptr ? fwd_mma<T, NW, KC, kChunkMax, NT>
+           : m.lg.part != nullptr    ? fwd_mma<T, NW, KC, kLossGrad, NT>
+                                     : fwd_mma<T, NW, KC, kLogits, NT>;
+}
+
+template <class T, int NW, int KC, int NT>
+int launch_mma_threads(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
+                       cudaStream_t st, int BT, FwdMode mode) {
+  const size_t smem = fwd_smem(s.in_features, BT, NT);
+  auto kernel = fwd_kernel<T, NW, KC, NT>(mode);
+  const int per_sm = prepare(kernel, NT, smem);
   XMC_CHECK_LAUNCH();
   FwdArgs<T> a = fwd_args<T>(s, NW, BT, x, w, idx, bias, y);
   a.flt = mode.flt;
   a.chunk_keys = mode.chunk_keys;
   a.lg = mode.lg;
-  const int64_t warps = kFwdThreads / 32;
+  const int64_t warps = NT / 32;
   int64_t chunks = xmax<int64_t>(1, (int64_t)num_sms() * xmax(per_sm, 1) / a.nbt);
   chunks = xmin<int64_t>(chunks, (a.n_items + warps - 1) / warps);
   if (mode.lg.part != nullptr && chunks * a.nbt > forward_loss_parts())  // not reached: per_sm <= the bound
     return (int)cudaErrorInvalidConfiguration;
-  launch_pdl(kernel, dim3((unsigned)(chunks * a.nbt)), dim3(kFwdThreads), smem, st, a, mode.run_if);
+  launch_pdl(kernel, dim3((unsigned)(chunks * a.nbt)), dim3(NT), smem, st, a, mode.run_if);
   XMC_CHECK_LAUNCH();
   return 0;
+}
+
+template <class T, int NW, int KC>
+int launch_mma(xmc_gsffi_shape s, const void *x, const void *w, const int32_t *idx, const void *bias, void *y,
+               cudaStream_t st, int BT, FwdMode mode) {
+  if constexpr (KC <= 2)
+    if (plain_logits(mode) && fwd_smem(s.in_features, BT, kFwdThreadsWide) <= (size_t)smem_optin())
+      return launch_mma_threads<T, NW, KC, kFwdThreadsWide>(s, x, w, idx, bias, y, st, BT, mode);
+  return launch_mma_threads<T, NW, KC, kFwdThreads>(s, x, w, idx, bias, y, st, BT, mode);
 }
 
 template <class T>

@@ -14,7 +14,8 @@ constexpr int kFwdThreads = 512;
 // quarter-warp for NW = 32, four half rows for NW = 16) then each fall on distinct banks; the earlier 80-byte
 // rows made every 16-byte read take two wavefronts (ncu: 12 M for 6 M ideal per read instruction).
 constexpr int kStageRow = 32 * 2;
-constexpr int kStageBytes = kFwdThreads / 32 * 8 * kStageRow;
+constexpr size_t stage_bytes(int threads) { return (size_t)threads / 32 * 8 * kStageRow; }
+constexpr size_t kStageBytes = stage_bytes(kFwdThreads);
 
 __device__ __forceinline__ int out_swz(int r) { return ((r >> 1) & 1) << 1 | (r >> 2); }  // bits of r >> 1 reversed
 
@@ -168,8 +169,10 @@ __host__ __device__ inline FwdArgs<T> fwd_args(xmc_gsffi_shape s, int NW, int BT
   return a;
 }
 
-// Shared memory of a launch: the x^T tile and the warps' staging tiles.
-inline size_t fwd_smem(int64_t H, int BT) { return (size_t)(H + 1) * (BT * 2 + 16) + kStageBytes; }
+// Shared memory of a launch of `threads` threads: the x^T tile and the warps' staging tiles.
+inline size_t fwd_smem(int64_t H, int BT, int threads = kFwdThreads) {
+  return (size_t)(H + 1) * (BT * 2 + 16) + stage_bytes(threads);
+}
 
 // The work of block `block` of `nblocks` (a multiple of a.nbt); smem holds fwd_smem bytes.
 template <class T, int NW, int KC, int MODE>
