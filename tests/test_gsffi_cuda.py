@@ -20,8 +20,10 @@ pytestmark = pytest.mark.skipif(
 # B beyond one batch tile (128 rows), H too large for the shared-memory tile (generic path), odd G; grad_input
 # in quads (B = 17, 77, 64; 70 with two ring stages), in quads with three or more half-group ring stages (G =
 # 64, 104, 48 at H = 740, 700, 768, the last group's second half part-filled), in pairs of 16 or 48 rows (B = 1,
-# 33, 40, 129) and of 64 rows without the grad_y ring (257).
+# 33, 40, 129) and of 64 rows without the grad_y ring (257). The forward's plain logits at F <= 64 run 640-thread
+# blocks, except where their staging does not fit beside the x^T tile (H = 820 at 128 rows: 512 threads).
 SHAPES = [
+    (200, 820, 1500, 64, 32),
     (70, 740, 1000, 128, 64),
     (65, 700, 1000, 64, 104),
     (64, 768, 1000, 72, 48),
