@@ -173,7 +173,7 @@ int forward_batch_tile(xmc_gsffi_shape s) {
   int bt = 16;
   while (bt < 128 && bt < s.batch) bt *= 2;
   for (; bt >= 16; bt /= 2)
-    if ((s.in_features + 1) * (int64_t)(bt * 2 + 16) + kStageBytes <= limit) return bt;
+    if (fwd_smem(s.in_features, bt) <= (size_t)limit) return bt;
   return 0;
 }
 

@@ -15,7 +15,6 @@ constexpr int kFwdThreads = 512;
 // rows made every 16-byte read take two wavefronts (ncu: 12 M for 6 M ideal per read instruction).
 constexpr int kStageRow = 32 * 2;
 constexpr size_t stage_bytes(int threads) { return (size_t)threads / 32 * 8 * kStageRow; }
-constexpr size_t kStageBytes = stage_bytes(kFwdThreads);
 
 __device__ __forceinline__ int out_swz(int r) { return ((r >> 1) & 1) << 1 | (r >> 2); }  // bits of r >> 1 reversed
 
