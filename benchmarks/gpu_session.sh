@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_session.sh $OUT                      # every step
 #   STEPS="build tests" bash benchmarks/gpu_session.sh $OUT  # some of them, in this order
 #
+# Earlier H100 sessions took ~95 s to build, ~170 s for the tests, ~15 s for each JSON run and ~150 s for the
+# two sanitizers; with --check that comes near the device tool's 10-minute limit per call, so the sanitizers
+# can go in a second call (STEPS="memcheck racecheck"; the in-place build stays while the machine is held).
 # Each step's output goes to $OUT/<step>.log; $OUT/summary.txt gets a line per step (exit status, seconds).
 # A failed build stops the run; any other failure is recorded and the next step runs.
 set -u
