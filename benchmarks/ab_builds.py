@@ -32,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRATCH = os.environ.get("AB_SCRATCH", "/tmp/ab_builds")
-SOURCES = ("ops", "bindings", "torch_xmc", "setup.py", "pyproject.toml", "requirements.txt")
+SOURCES = ("ops", "bindings", "torch_xmc", "tests", "setup.py", "pyproject.toml", "requirements.txt")
 GPU_CASES = ["forward:256,3000000,64,32", "forward:1024,670080,64,32", "forward:64,670080,64,16",
              "grad_input:256,3000000,64,32", "grad_weight:256,3000000,64,32", "step:256,3000000,64,32",
              "topk5:256,3000000,64,32"]
@@ -204,6 +204,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--json")
+    ap.add_argument("--pick", metavar="FILE", help="write the path of the tree to go on with (see above)")
+    ap.add_argument("--pick-gain", type=float, default=0.015, help="least gain on the first case (default 1.5%%)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device is None:
@@ -243,6 +245,28 @@ def main():
     print_table(rows, columns)
     if args.json:
         write_json(args.json, {"environment": environment(), "trees": dict(trees), "runs": runs, "table": rows})
+    if args.pick:
+        name = pick(trees, runs, rows, args.pick_gain)
+        with open(args.pick, "w") as f:
+            f.write(dict(trees)[name] + "\n")
+        print(f"picked: {name} ({dict(trees)[name]})")
+
+
+def pick(trees, runs, rows, gain):
+    """The tree to go on with: see --pick in the module's docstring."""
+    import statistics
+
+    def med(name, i):
+        return statistics.median(run[i]["ms"] for run in runs[name])
+
+    first = trees[0][0]
+    best, best_ms = first, med(first, 0) * (1 - gain)
+    for name, _ in trees[1:]:
+        bitwise = all(row[name + " bitwise"] == "yes" for row in rows)
+        no_loss = all(med(name, i) <= 1.01 * med(first, i) for i in range(len(rows)))
+        if bitwise and no_loss and med(name, 0) <= best_ms:
+            best, best_ms = name, med(name, 0)
+    return best
 
 
 if __name__ == "__main__":

@@ -4,6 +4,13 @@
 #
 #   bash benchmarks/gpu_session.sh $OUT                      # every step
 #   STEPS="build tests" bash benchmarks/gpu_session.sh $OUT  # some of them, in this order
+#   STEPS="ab tests bench fused memcheck racecheck" bash benchmarks/gpu_session.sh $OUT
+#
+# The step `ab` (not in the default list) builds main and every benchmarks/experiments/*.patch applied to a copy,
+# times them against each other (ab_builds.py; cases from AB_CASES, e.g. "forward:256,3000000,64,32", rounds
+# from AB_ROUNDS) and picks the tree to go on with (ab_builds.py --pick: a patch only where its outputs are
+# bitwise main's and it is faster). The steps after it run in that tree, so one call both times a change and
+# tests the build that would land.
 #
 # Earlier H100 sessions took ~95 s to build, ~170 s for the tests, ~15 s for each JSON run and ~150 s for the
 # two sanitizers; with --check that comes near the device tool's 10-minute limit per call, so the sanitizers
@@ -13,7 +20,7 @@
 set -u
 OUT=${1:?usage: gpu_session.sh OUT_DIR}
 STEPS=${STEPS:-build tests check bench fused memcheck racecheck}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONPATH=$PWD
 
 run_step() {
@@ -32,12 +39,26 @@ python3 -c 'import torch; print("torch", torch.__version__)' >>"$OUT/gpu.txt" 2>
 for step in $STEPS; do
   case $step in
   build) run_step build python3 setup.py -q build_ext --inplace || exit 1 ;;
+  ab)
+    patches=() cases=()
+    for p in benchmarks/experiments/*.patch; do [ -e "$p" ] && patches+=(--patch "$(basename "$p" .patch)=$p"); done
+    for c in ${AB_CASES:-}; do cases+=(--case "$c"); done
+    if [ ${#patches[@]} -eq 0 ]; then
+      echo "ab: no patch in benchmarks/experiments; building main" | tee -a "$OUT/summary.txt"
+      run_step build python3 setup.py -q build_ext --inplace || exit 1
+    elif run_step ab python3 benchmarks/ab_builds.py --build --rounds "${AB_ROUNDS:-3}" "${patches[@]}" ${cases[@]+"${cases[@]}"} \
+      --json "$OUT/ab.json" --pick "$OUT/pick.txt"; then
+      cd "$(cat "$OUT/pick.txt")" && export PYTHONPATH=$PWD
+      echo "later steps run in $PWD" | tee -a "$OUT/summary.txt"
+    else  # a patch that does not build or run: go on with main
+      run_step build python3 setup.py -q build_ext --inplace || exit 1
+    fi ;;
   tests) run_step tests python3 -m pytest -q -n 8 tests ;;
   check) run_step check python3 benchmarks/bench_gpu.py --check ;;
   bench) run_step bench python3 benchmarks/bench_gpu.py --json "$OUT/gpu_bench.json" ;;
   fused) run_step fused python3 benchmarks/bench_fused_gpu.py --json "$OUT/fused_gpu.json" ;;
   memcheck | racecheck)
     run_step "$step" compute-sanitizer --tool "$step" --error-exitcode 1 python3 benchmarks/bench_gpu.py --small ;;
-  *) echo "unknown step $step (build tests check bench fused memcheck racecheck)" && exit 2 ;;
+  *) echo "unknown step $step (build ab tests check bench fused memcheck racecheck)" && exit 2 ;;
   esac
 done
