@@ -46,8 +46,8 @@ for step in $STEPS; do
     if [ ${#patches[@]} -eq 0 ]; then
       echo "ab: no patch in benchmarks/experiments; building main" | tee -a "$OUT/summary.txt"
       run_step build python3 setup.py -q build_ext --inplace || exit 1
-    elif run_step ab python3 benchmarks/ab_builds.py --build --rounds "${AB_ROUNDS:-3}" "${patches[@]}" ${cases[@]+"${cases[@]}"} \
-      --json "$OUT/ab.json" --pick "$OUT/pick.txt"; then
+    elif run_step ab python3 benchmarks/ab_builds.py --build --rounds "${AB_ROUNDS:-3}" "${patches[@]}" \
+      ${cases[@]+"${cases[@]}"} --json "$OUT/ab.json" --pick "$OUT/pick.txt"; then
       cd "$(cat "$OUT/pick.txt")" && export PYTHONPATH=$PWD
       echo "later steps run in $PWD" | tee -a "$OUT/summary.txt"
     else  # a patch that does not build or run: go on with main
