@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh $OUT                      # every step
 #   STEPS="build tests" bash benchmarks/gpu_session.sh $OUT  # some of them, in this order
 #   STEPS="ab tests bench fused memcheck racecheck" bash benchmarks/gpu_session.sh $OUT
+#   STEPS="probes" bash benchmarks/gpu_session.sh $OUT   # compile and run benchmarks/experiments/*.cu (seconds)
 #
 # The step `ab` (not in the default list) builds main and every benchmarks/experiments/*.patch applied to a copy,
 # times them against each other (ab_builds.py; cases from AB_CASES, e.g. "forward:256,3000000,64,32", rounds
@@ -57,8 +58,14 @@ for step in $STEPS; do
   check) run_step check python3 benchmarks/bench_gpu.py --check ;;
   bench) run_step bench python3 benchmarks/bench_gpu.py --json "$OUT/gpu_bench.json" ;;
   fused) run_step fused python3 benchmarks/bench_fused_gpu.py --json "$OUT/fused_gpu.json" ;;
+  probes)  # the standalone probes in benchmarks/experiments (each prints its own table)
+    for f in benchmarks/experiments/*.cu; do
+      exe=/tmp/$(basename "$f" .cu)
+      run_step "probe_$(basename "$f" .cu)" bash -c "nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 \
+        -o $exe $f && $exe"
+    done ;;
   memcheck | racecheck)
     run_step "$step" compute-sanitizer --tool "$step" --error-exitcode 1 python3 benchmarks/bench_gpu.py --small ;;
-  *) echo "unknown step $step (build ab tests check bench fused memcheck racecheck)" && exit 2 ;;
+  *) echo "unknown step $step (build ab tests check bench fused probes memcheck racecheck)" && exit 2 ;;
   esac
 done
