@@ -35,24 +35,29 @@ run_step() {
   return $rc
 }
 
+build_here() { run_step build python3 setup.py -q build_ext --inplace || exit 1; }
+
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -c 'import torch; print("torch", torch.__version__)' >>"$OUT/gpu.txt" 2>&1
 for step in $STEPS; do
   case $step in
-  build) run_step build python3 setup.py -q build_ext --inplace || exit 1 ;;
+  build) build_here ;;
   ab)
     patches=() cases=()
-    for p in benchmarks/experiments/*.patch; do [ -e "$p" ] && patches+=(--patch "$(basename "$p" .patch)=$p"); done
+    for p in benchmarks/experiments/*.patch; do
+      if patch -p1 -s --dry-run <"$p" >/dev/null 2>&1; then patches+=(--patch "$(basename "$p" .patch)=$p")
+      elif [ -e "$p" ]; then echo "ab: $p does not apply to main; left out" | tee -a "$OUT/summary.txt"; fi
+    done
     for c in ${AB_CASES:-}; do cases+=(--case "$c"); done
     if [ ${#patches[@]} -eq 0 ]; then
       echo "ab: no patch in benchmarks/experiments; building main" | tee -a "$OUT/summary.txt"
-      run_step build python3 setup.py -q build_ext --inplace || exit 1
+      build_here
     elif run_step ab python3 benchmarks/ab_builds.py --build --rounds "${AB_ROUNDS:-3}" "${patches[@]}" \
       ${cases[@]+"${cases[@]}"} --json "$OUT/ab.json" --pick "$OUT/pick.txt"; then
       cd "$(cat "$OUT/pick.txt")" && export PYTHONPATH=$PWD
       echo "later steps run in $PWD" | tee -a "$OUT/summary.txt"
-    else  # a patch that does not build or run: go on with main
-      run_step build python3 setup.py -q build_ext --inplace || exit 1
+    else  # a patch that does not apply, build or run: go on with main
+      build_here
     fi ;;
   tests) run_step tests python3 -m pytest -q -n 8 tests ;;
   check) run_step check python3 benchmarks/bench_gpu.py --check ;;
