@@ -19,6 +19,7 @@
 # Each step's output goes to $OUT/<step>.log; $OUT/summary.txt gets a line per step (exit status, seconds).
 # A failed build stops the run; any other failure is recorded and the next step runs.
 set -u
+shopt -s nullglob  # an empty benchmarks/experiments gives empty loops, not the literal pattern
 OUT=${1:?usage: gpu_session.sh OUT_DIR}
 STEPS=${STEPS:-build tests check bench fused memcheck racecheck}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -46,7 +47,7 @@ for step in $STEPS; do
     patches=() cases=()
     for p in benchmarks/experiments/*.patch; do
       if patch -p1 -s --dry-run <"$p" >/dev/null 2>&1; then patches+=(--patch "$(basename "$p" .patch)=$p")
-      elif [ -e "$p" ]; then echo "ab: $p does not apply to main; left out" | tee -a "$OUT/summary.txt"; fi
+      else echo "ab: $p does not apply to main; left out" | tee -a "$OUT/summary.txt"; fi
     done
     for c in ${AB_CASES:-}; do cases+=(--case "$c"); done
     if [ ${#patches[@]} -eq 0 ]; then
